@@ -1,0 +1,118 @@
+//! `barnacle-replica`: serves one replica of one volume from a directory on the node's disk.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use barnacle_replica::server::{Replica, ServerConfig};
+use barnacle_replica::store::DEFAULT_CLUSTER_SIZE;
+use barnacle_replica::units::parse_size;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Serve one replica of one Barnacle volume.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Directory holding this replica's store (created on demand).
+    #[arg(long)]
+    dir: PathBuf,
+    /// The volume this replica belongs to; connections must name it.
+    #[arg(long)]
+    volume_id: String,
+    /// File holding the volume's authentication token (never passed on the command line).
+    #[arg(long, env = "BARNACLE_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// Address of the data protocol listener.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Address of the gRPC management listener.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    mgmt_listen: String,
+    /// Create the store with this size (e.g. 10GiB) if the directory holds none.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Cluster size for a store created by --size.
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CLUSTER_SIZE)]
+    cluster_size: u64,
+    /// Close a data connection that sends nothing, not even a heartbeat, for this long.
+    #[arg(long, default_value_t = 30_000)]
+    idle_timeout_ms: u64,
+    /// Requests one data connection may have in flight.
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
+    /// Write the bound addresses here as JSON once serving.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+/// Marks this process as one that frees memory by doing IO, so reclaim does not deadlock on it
+/// (DESIGN rule 12).
+fn set_io_flusher() {
+    /// `PR_SET_IO_FLUSHER` from linux/prctl.h (Linux 5.6+); not exported by the libc crate.
+    const PR_SET_IO_FLUSHER: libc::c_int = 57;
+    // SAFETY: prctl with PR_SET_IO_FLUSHER takes plain integer arguments and touches no memory.
+    let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
+    if r != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "PR_SET_IO_FLUSHER not set");
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    set_io_flusher();
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading token file {}", args.token_file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(!token.is_empty(), "token file {} is empty", args.token_file.display());
+    let cfg = ServerConfig {
+        volume_id: args.volume_id.clone(),
+        token,
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+        max_in_flight: args.max_in_flight,
+    };
+    let replica = Replica::new(cfg, &args.dir).context("opening the replica store")?;
+    if let Some(size) = args.size
+        && replica.store().is_err()
+    {
+        replica.create_store(size, args.cluster_size).await.context("creating the replica store")?;
+    }
+    let data = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let mgmt = tokio::net::TcpListener::bind(&args.mgmt_listen)
+        .await
+        .with_context(|| format!("binding {}", args.mgmt_listen))?;
+    let (data_addr, mgmt_addr) = (data.local_addr()?, mgmt.local_addr()?);
+    info!(volume_id = %args.volume_id, data = %data_addr, mgmt = %mgmt_addr, dir = %args.dir.display(), "replica serving");
+    if let Some(path) = &args.ready_file {
+        let body = serde_json::json!({ "data": data_addr.to_string(), "mgmt": mgmt_addr.to_string(), "pid": std::process::id() });
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, body.to_string())?;
+        std::fs::rename(&tmp, path)?;
+    }
+    let shutdown = CancellationToken::new();
+    let sd = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("shutting down");
+        sd.cancel();
+    });
+    barnacle_replica::run(data, mgmt, replica, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,608 @@
+//! The replica's data protocol server: one [`Replica`] per process, serving its store over TCP.
+//!
+//! Every connection starts with a hello carrying the volume id, the per-volume token, the client's
+//! engine id and its epoch; a wrong token or an epoch older than the replica's is refused, logged,
+//! and the connection closed. Requests are then read as fast as the in-flight limit allows, each
+//! runs as its own task (the store work on the blocking pool), and replies go back in completion
+//! order. Data operations run only for a connection whose epoch and engine are the ones the replica
+//! accepted through its last fence (DESIGN rule 3); a fence persists the new epoch, then closes every
+//! older-epoch connection and waits for its in-flight requests before it answers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use parking_lot::{Mutex, RwLock};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::error::StoreError;
+use crate::store::{CreateOptions, Store};
+use crate::wire::{
+    self, HelloReply, Op, Reply, Request, ServerCodec, SnapshotEntry, StatReply, Status,
+};
+
+/// How long a new connection has to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Data per reply frame of a READ_ALLOCATED stream.
+const STREAM_CHUNK: u64 = 1 << 20;
+
+/// Settings of one replica server.
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub volume_id: String,
+    /// The per-volume secret every connection must present.
+    pub token: String,
+    /// A connection that sends nothing (not even a ping) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Requests one connection may have in flight.
+    pub max_in_flight: usize,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("volume_id", &self.volume_id)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Compares secrets in time independent of where they differ.
+pub(crate) fn token_matches(given: &str, expected: &str) -> bool {
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, &x) in b.iter().enumerate() {
+        diff |= x ^ a.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+/// Maps a store error to the reply status: the one place the data protocol does so.
+pub fn status_of(e: &StoreError) -> Status {
+    match e {
+        StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => Status::NoSpace,
+        StoreError::Io { .. } | StoreError::Db(_) => Status::Io,
+        StoreError::NotFound(_) => Status::NoStore,
+        StoreError::AlreadyExists(_) | StoreError::SnapshotExists(_) => Status::Exists,
+        StoreError::Corrupt { .. } | StoreError::Failed(_) => Status::Failed,
+        StoreError::OutOfRange { .. } => Status::OutOfRange,
+        StoreError::Unaligned { .. } | StoreError::InvalidArgument(_) | StoreError::Shrink { .. } => {
+            Status::Invalid
+        }
+        StoreError::SnapshotNotFound(_) => Status::NotFound,
+        StoreError::TooManySnapshots(_) => Status::NoSpace,
+        StoreError::StaleEpoch { .. } => Status::StaleEpoch,
+        StoreError::EpochConflict { .. } => Status::EpochConflict,
+    }
+}
+
+/// The epoch and engine a connection speaks for.
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    peer: SocketAddr,
+    authority: Mutex<(u64, Uuid)>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// One replica process's shared state: its store (if created) and its live connections.
+pub struct Replica {
+    cfg: ServerConfig,
+    dir: std::path::PathBuf,
+    store: RwLock<Option<Arc<Store>>>,
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_conn: AtomicU64,
+    fence_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica").field("cfg", &self.cfg).field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+fn blocking_err(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Io { op: "blocking task", source: std::io::Error::other(e.to_string()) }
+}
+
+/// Runs blocking store work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(blocking_err)?
+}
+
+impl Replica {
+    /// A replica serving the store in `dir`, opened now if it exists.
+    pub fn new(cfg: ServerConfig, dir: &std::path::Path) -> Result<Arc<Replica>, StoreError> {
+        let store = if crate::store::store_exists(dir) {
+            let s = Store::open(dir)?;
+            if s.volume_id() != cfg.volume_id {
+                return Err(StoreError::InvalidArgument(format!(
+                    "store in {} belongs to volume {}, not {}",
+                    dir.display(),
+                    s.volume_id(),
+                    cfg.volume_id
+                )));
+            }
+            Some(Arc::new(s))
+        } else {
+            None
+        };
+        Ok(Arc::new(Replica {
+            cfg,
+            dir: dir.to_owned(),
+            store: RwLock::new(store),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            fence_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// The open store, or `NotFound` when none was created yet.
+    pub fn store(&self) -> Result<Arc<Store>, StoreError> {
+        self.store.read().clone().ok_or_else(|| StoreError::NotFound(self.dir.clone()))
+    }
+
+    /// Creates the store. Repeating a create with the same size and cluster size is a no-op.
+    pub async fn create_store(&self, size: u64, cluster_size: u64) -> Result<Arc<Store>, StoreError> {
+        if let Ok(s) = self.store() {
+            return if s.size() == size && s.cluster_size() == cluster_size {
+                Ok(s)
+            } else {
+                Err(StoreError::AlreadyExists(self.dir.clone()))
+            };
+        }
+        let dir = self.dir.clone();
+        let opts = CreateOptions { volume_id: self.cfg.volume_id.clone(), size, cluster_size };
+        let s = Arc::new(blocking(move || Store::create(&dir, &opts)).await?);
+        *self.store.write() = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Opens the existing store (after it was created by someone else, or closed).
+    pub async fn open_store(&self) -> Result<Arc<Store>, StoreError> {
+        if let Ok(s) = self.store() {
+            return Ok(s);
+        }
+        let dir = self.dir.clone();
+        let s = Arc::new(blocking(move || Store::open(&dir)).await?);
+        if s.volume_id() != self.cfg.volume_id {
+            return Err(StoreError::InvalidArgument(format!("store belongs to volume {}", s.volume_id())));
+        }
+        *self.store.write() = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Closes every connection, waits for their requests, then removes the store and its space.
+    pub async fn delete_store(&self) -> Result<(), StoreError> {
+        let conns: Vec<_> = self.conns.lock().values().cloned().collect();
+        for c in &conns {
+            c.cancel.cancel();
+        }
+        for c in &conns {
+            c.tracker.close();
+            c.tracker.wait().await;
+        }
+        let taken = self.store.write().take();
+        if let Some(mut s) = taken {
+            // Requests that already hold the store finish before it closes.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                match Arc::try_unwrap(s) {
+                    Ok(store) => {
+                        drop(store);
+                        break;
+                    }
+                    Err(back) if tokio::time::Instant::now() < deadline => {
+                        s = back;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(back) => {
+                        *self.store.write() = Some(back);
+                        return Err(StoreError::InvalidArgument("store still in use".into()));
+                    }
+                }
+            }
+        }
+        let dir = self.dir.clone();
+        blocking(move || Store::destroy(&dir)).await?;
+        info!(volume_id = %self.cfg.volume_id, "deleted replica store");
+        Ok(())
+    }
+
+    /// Raises the epoch for `engine` through `by`, then closes older-epoch connections and drains
+    /// their in-flight requests (DESIGN rule 3).
+    async fn fence(&self, by: &Conn, epoch: u64, engine: Uuid) -> Result<(), StoreError> {
+        let _serial = tokio::select! {
+            g = self.fence_lock.lock() => g,
+            () = by.cancel.cancelled() => {
+                return Err(StoreError::StaleEpoch { epoch, current: self.store()?.epoch().0 });
+            }
+        };
+        let store = self.store()?;
+        blocking(move || store.fence(epoch, engine)).await?;
+        *by.authority.lock() = (epoch, engine);
+        let victims: Vec<Arc<Conn>> = self
+            .conns
+            .lock()
+            .values()
+            .filter(|c| {
+                let (e, who) = *c.authority.lock();
+                c.id != by.id && (e < epoch || (e == epoch && who != engine))
+            })
+            .cloned()
+            .collect();
+        for v in &victims {
+            v.cancel.cancel();
+        }
+        for v in &victims {
+            v.tracker.close();
+            v.tracker.wait().await;
+            info!(volume_id = %self.cfg.volume_id, peer = %v.peer, epoch, "closed older-epoch connection");
+        }
+        Ok(())
+    }
+}
+
+/// Accepts connections until `shutdown` fires.
+pub async fn serve(listener: TcpListener, replica: Arc<Replica>, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let r = replica.clone();
+                let sd = shutdown.clone();
+                let span = info_span!("conn", volume_id = %replica.cfg.volume_id, %peer);
+                tracker.spawn(handle_conn(r, stream, peer, sd).instrument(span));
+            }
+            Err(e) => {
+                warn!(volume_id = %replica.cfg.volume_id, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn handshake(
+    replica: &Replica,
+    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, ServerCodec>,
+    writer: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, ServerCodec>,
+) -> Option<(u64, Uuid)> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await;
+    let (id, hello) = match first {
+        Ok(Some(Ok(Request { id, op: Op::Hello(h) }))) => (id, h),
+        Ok(Some(Ok(_))) => {
+            warn!("first frame was not a hello; closing");
+            return None;
+        }
+        Ok(Some(Err(e))) => {
+            warn!(error = %e, "malformed hello; closing");
+            return None;
+        }
+        Ok(None) => return None,
+        Err(_) => {
+            warn!("no hello in time; closing");
+            return None;
+        }
+    };
+    let refuse = |status: Status, msg: String| Reply::error(id, status, msg);
+    let reply = if hello.version != wire::VERSION {
+        Err(refuse(Status::Unsupported, format!("protocol version {} not supported", hello.version)))
+    } else if !token_matches(&hello.token, &replica.cfg.token) || hello.volume_id != replica.cfg.volume_id {
+        warn!(claimed_volume = %hello.volume_id, engine = %hello.engine_id, "refused connection: wrong token or volume");
+        Err(refuse(Status::Auth, "authentication failed".into()))
+    } else {
+        match replica.store() {
+            Err(e) => Err(refuse(Status::NoStore, e.to_string())),
+            Ok(store) => {
+                let (current, holder) = store.epoch();
+                if hello.epoch < current {
+                    warn!(epoch = hello.epoch, current, engine = %hello.engine_id, "refused connection: stale epoch");
+                    Err(refuse(Status::StaleEpoch, format!("epoch {} is older than {current}", hello.epoch)))
+                } else if hello.epoch == current && holder.is_some_and(|h| h != hello.engine_id) {
+                    warn!(epoch = current, engine = %hello.engine_id, "refused connection: epoch held by another engine");
+                    Err(refuse(Status::EpochConflict, format!("epoch {current} is held by another engine")))
+                } else {
+                    let r = HelloReply {
+                        version: wire::VERSION,
+                        volume_id: replica.cfg.volume_id.clone(),
+                        store_id: store.store_id(),
+                        size: store.size(),
+                        epoch: current,
+                        max_io: wire::MAX_IO,
+                    };
+                    Ok(Reply::ok(id, Bytes::from(serde_json::to_vec(&r).unwrap_or_default())))
+                }
+            }
+        }
+    };
+    match reply {
+        Ok(r) => writer.send(r).await.ok().map(|()| (hello.epoch, hello.engine_id)),
+        Err(r) => {
+            let _ = writer.send(r).await;
+            None
+        }
+    }
+}
+
+async fn handle_conn(replica: Arc<Replica>, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut reader = FramedRead::new(rd, ServerCodec::default());
+    let mut writer = FramedWrite::new(wr, ServerCodec::default());
+    let Some(authority) = handshake(&replica, &mut reader, &mut writer).await else { return };
+    let conn = Arc::new(Conn {
+        id: replica.next_conn.fetch_add(1, Ordering::Relaxed),
+        peer,
+        authority: Mutex::new(authority),
+        cancel: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    });
+    replica.conns.lock().insert(conn.id, conn.clone());
+    debug!(epoch = authority.0, engine = %authority.1, "connection accepted");
+
+    let (tx, mut rx) = mpsc::channel::<Reply>(replica.cfg.max_in_flight.max(1) * 2);
+    let write_task = tokio::spawn(
+        async move {
+            while let Some(r) = rx.recv().await {
+                if writer.feed(r).await.is_err() {
+                    return;
+                }
+                while let Ok(r) = rx.try_recv() {
+                    if writer.feed(r).await.is_err() {
+                        return;
+                    }
+                }
+                if writer.flush().await.is_err() {
+                    return;
+                }
+            }
+        }
+        .in_current_span(),
+    );
+
+    let limit = Arc::new(Semaphore::new(replica.cfg.max_in_flight.max(1)));
+    loop {
+        let next = tokio::select! {
+            () = conn.cancel.cancelled() => break,
+            () = shutdown.cancelled() => break,
+            n = tokio::time::timeout(replica.cfg.idle_timeout, reader.next()) => n,
+        };
+        let req = match next {
+            Err(_) => {
+                warn!("no request or heartbeat within the idle timeout; closing");
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                warn!(error = %e, "protocol error; closing");
+                break;
+            }
+            Ok(Some(Ok(req))) => req,
+        };
+        let Ok(permit) = limit.clone().acquire_owned().await else { break };
+        let (r, c, t) = (replica.clone(), conn.clone(), tx.clone());
+        conn.tracker.spawn(
+            async move {
+                handle_request(&r, &c, req, &t).await;
+                drop(permit);
+            }
+            .in_current_span(),
+        );
+    }
+    conn.tracker.close();
+    conn.tracker.wait().await;
+    drop(tx);
+    let _ = write_task.await;
+    replica.conns.lock().remove(&conn.id);
+    debug!("connection closed");
+}
+
+fn store_reply(id: u64, r: Result<Bytes, StoreError>) -> Reply {
+    match r {
+        Ok(b) => Reply::ok(id, b),
+        Err(e) => Reply::error(id, status_of(&e), e.to_string()),
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc::Sender<Reply>) {
+    let id = req.id;
+    let store = match replica.store() {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx.send(Reply::error(id, Status::NoStore, e.to_string())).await;
+            return;
+        }
+    };
+    // Operations any authenticated connection may make.
+    let reply = match req.op {
+        Op::Ping => Some(Reply::ok(id, Bytes::new())),
+        Op::Stat => {
+            let r = store.stat().map(|s| {
+                json(&StatReply {
+                    volume_id: s.volume_id,
+                    store_id: s.store_id,
+                    size: s.size,
+                    cluster_size: s.cluster_size,
+                    allocated_bytes: s.allocated_bytes,
+                    disk_bytes: s.disk_bytes,
+                    snapshots: s.snapshots,
+                    epoch: s.epoch,
+                    engine_id: s.engine_id,
+                    healthy: s.failure.is_none(),
+                    failure: s.failure,
+                })
+            });
+            Some(store_reply(id, r))
+        }
+        Op::Fence { epoch, engine_id } => {
+            let r = replica.fence(conn, epoch, engine_id).await.map(|()| Bytes::new());
+            if let Err(e) = &r {
+                warn!(epoch, engine = %engine_id, error = %e, "fence refused");
+            }
+            Some(store_reply(id, r))
+        }
+        Op::Hello(_) => Some(Reply::error(id, Status::Invalid, "hello after the handshake")),
+        Op::Invalid { ref reason } => Some(Reply::error(id, Status::Invalid, reason.clone())),
+        Op::Unknown { code } => Some(Reply::error(id, Status::Unsupported, format!("unknown opcode {code:#x}"))),
+        _ => None,
+    };
+    if let Some(r) = reply {
+        let _ = tx.send(r).await;
+        return;
+    }
+    // Everything else needs the authority of the replica's current epoch.
+    let (current, holder) = store.epoch();
+    let (epoch, engine) = *conn.authority.lock();
+    let refused = if epoch < current {
+        warn!(epoch, current, "refused request: stale epoch");
+        Some((Status::StaleEpoch, format!("epoch {epoch} is older than {current}")))
+    } else if epoch > current {
+        Some((Status::NotFenced, format!("epoch {epoch} has not been fenced in (replica at {current})")))
+    } else if holder != Some(engine) {
+        Some((Status::EpochConflict, format!("epoch {epoch} is not held by engine {engine}")))
+    } else {
+        None
+    };
+    if let Some((status, msg)) = refused {
+        let _ = tx.send(Reply::error(id, status, msg)).await;
+        return;
+    }
+    let io_len = |len: u32| {
+        if len > wire::MAX_IO {
+            Err(StoreError::InvalidArgument(format!("length {len} exceeds {}", wire::MAX_IO)))
+        } else {
+            Ok(len as usize)
+        }
+    };
+    let r: Result<Bytes, StoreError> = match req.op {
+        Op::Read { offset, len } => match io_len(len) {
+            Ok(n) => {
+                blocking(move || {
+                    let mut buf = vec![0u8; n];
+                    store.read(offset, &mut buf).map(|()| Bytes::from(buf))
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        },
+        Op::ReadSnapshot { name, offset, len } => match io_len(len) {
+            Ok(n) => {
+                blocking(move || {
+                    let mut buf = vec![0u8; n];
+                    store.read_snapshot(&name, offset, &mut buf).map(|()| Bytes::from(buf))
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        },
+        Op::Write { offset, data, fua } => blocking(move || store.write(offset, &data, fua).map(|()| Bytes::new())).await,
+        Op::Flush => blocking(move || store.flush().map(|()| Bytes::new())).await,
+        Op::Unmap { offset, len } => blocking(move || store.unmap(offset, u64::from(len)).map(|()| Bytes::new())).await,
+        Op::WriteZeroes { offset, len } => {
+            blocking(move || store.write_zeroes(offset, u64::from(len)).map(|()| Bytes::new())).await
+        }
+        Op::SnapshotCreate { name } => blocking(move || store.create_snapshot(&name).map(|_| Bytes::new())).await,
+        Op::SnapshotDelete { name } => blocking(move || store.delete_snapshot(&name).map(|_| Bytes::new())).await,
+        Op::SnapshotList => Ok(json(
+            &store
+                .list_snapshots()
+                .into_iter()
+                .map(|s| SnapshotEntry { name: s.name, size: s.size, created_unix: s.created_unix })
+                .collect::<Vec<_>>(),
+        )),
+        Op::Resize { size } => blocking(move || store.resize(size).map(|()| Bytes::new())).await,
+        Op::ReadAllocated { snapshot, offset, len } => {
+            stream_allocated(store, id, snapshot, offset, len, tx.clone()).await
+        }
+        // Handled above.
+        Op::Ping | Op::Stat | Op::Fence { .. } | Op::Hello(_) | Op::Invalid { .. } | Op::Unknown { .. } => {
+            Ok(Bytes::new())
+        }
+    };
+    if let Err(e) = &r {
+        debug!(request = id, error = %e, "request failed");
+    }
+    let _ = tx.send(store_reply(id, r)).await;
+}
+
+/// Sends the allocated data of the head or a snapshot in `[offset, offset+len)` (len 0: to the
+/// end) as `MORE` replies, each `offset (u64 BE) ++ data`; the caller sends the final reply.
+async fn stream_allocated(
+    store: Arc<Store>,
+    id: u64,
+    snapshot: Option<String>,
+    offset: u64,
+    len: u64,
+    tx: mpsc::Sender<Reply>,
+) -> Result<Bytes, StoreError> {
+    blocking(move || {
+        let extents = store.allocated_extents(snapshot.as_deref())?;
+        let end = if len == 0 { u64::MAX } else { offset.saturating_add(len) };
+        for e in extents {
+            let (mut at, stop) = (e.offset.max(offset), (e.offset + e.len).min(end));
+            while at < stop {
+                let n = (stop - at).min(STREAM_CHUNK);
+                let mut buf = BytesMut::with_capacity(8 + n as usize);
+                buf.put_u64(at);
+                buf.resize(8 + n as usize, 0);
+                match &snapshot {
+                    Some(s) => store.read_snapshot(s, at, &mut buf[8..])?,
+                    None => store.read(at, &mut buf[8..])?,
+                }
+                let reply = Reply { id, status: Status::Ok, more: true, payload: buf.freeze() };
+                if tx.blocking_send(reply).is_err() {
+                    return Ok(Bytes::new());
+                }
+                at += n;
+            }
+        }
+        Ok(Bytes::new())
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(token_matches("abc", "abc"));
+        assert!(!token_matches("abd", "abc"));
+        assert!(!token_matches("ab", "abc"));
+        assert!(!token_matches("abcd", "abc"));
+        assert!(!token_matches("", "abc"));
+    }
+}
