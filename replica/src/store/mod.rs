@@ -289,9 +289,10 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(StoreError::io("create store directory"))?;
         let meta = dir.join(META_DIR);
         if meta.exists() {
+            // An open that fails (the store is in use, or damaged) must never lead to a wipe.
             let complete = DB::open(&db_options(false), &meta)
-                .ok()
-                .and_then(|db| db.get(keys::CONFIG).ok().flatten())
+                .map_err(|_| StoreError::AlreadyExists(dir.to_owned()))?
+                .get(keys::CONFIG)?
                 .is_some();
             if complete {
                 return Err(StoreError::AlreadyExists(dir.to_owned()));
@@ -1008,6 +1009,12 @@ impl Store {
     }
 
     // ----- inspection, streaming and clones -----------------------------------------------
+
+    /// RocksDB's latest sequence number: it moves with every metadata write, so tests and
+    /// diagnostics can tell whether an operation wrote metadata.
+    pub fn metadata_sequence(&self) -> u64 {
+        self.db.latest_sequence_number()
+    }
 
     pub fn stat(&self) -> Result<StoreStat> {
         let st = self.gate.read();

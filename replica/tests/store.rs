@@ -1,0 +1,181 @@
+//! Store properties the model test does not pin down by itself: space reclaim, a thousand
+//! snapshots, metadata-free overwrites, durable epochs, zeroed fresh clusters, geometry checks.
+
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use barnacle_replica::StoreError;
+use barnacle_replica::store::{CreateOptions, FenceOutcome, Store};
+use rand::seq::SliceRandom;
+use uuid::Uuid;
+
+const MIB: u64 = 1 << 20;
+const CS: u64 = 64 * 1024;
+
+fn new_store(dir: &std::path::Path, size: u64) -> Store {
+    Store::create(&dir.join("r"), &CreateOptions { volume_id: "vol".into(), size, cluster_size: CS }).unwrap()
+}
+
+fn fill(tag: u8, len: u64) -> Vec<u8> {
+    (0..len).map(|i| tag ^ (i / 4096) as u8 | 1).collect()
+}
+
+#[test]
+fn deleting_snapshots_and_unmapping_gives_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = new_store(dir.path(), 64 * MIB);
+    // Disk bytes as the filesystem counts them, rounded down to clusters (the filesystem may add
+    // a block of its own extent metadata).
+    let alloc = |s: &Store| {
+        let st = s.stat().unwrap();
+        (st.allocated_bytes, st.disk_bytes / CS * CS)
+    };
+    s.write(0, &fill(1, 8 * MIB), false).unwrap();
+    s.create_snapshot("s1").unwrap();
+    s.write(0, &fill(2, 8 * MIB), false).unwrap();
+    s.create_snapshot("s2").unwrap();
+    s.write(0, &fill(3, 8 * MIB), false).unwrap();
+    s.flush().unwrap();
+    assert_eq!(alloc(&s), (24 * MIB, 24 * MIB));
+
+    // Deleting the middle snapshot first, then the oldest: any order.
+    assert_eq!(s.delete_snapshot("s2").unwrap(), 8 * MIB / CS);
+    assert_eq!(alloc(&s), (16 * MIB, 16 * MIB));
+    let mut buf = vec![0u8; 8 * MIB as usize];
+    s.read_snapshot("s1", 0, &mut buf).unwrap();
+    assert_eq!(buf, fill(1, 8 * MIB));
+    s.delete_snapshot("s1").unwrap();
+    assert_eq!(alloc(&s), (8 * MIB, 8 * MIB));
+
+    // Unmapping half the head frees it once flushed; partial-cluster unmaps punch holes.
+    s.unmap(0, 4 * MIB).unwrap();
+    s.unmap(4 * MIB, 8192).unwrap();
+    s.flush().unwrap();
+    let st = s.stat().unwrap();
+    assert_eq!(st.allocated_bytes, 4 * MIB);
+    assert!((4 * MIB - 8192..4 * MIB).contains(&st.disk_bytes), "{st:?}");
+    s.read(0, &mut buf).unwrap();
+    assert!(buf[..4 * MIB as usize + 8192].iter().all(|&b| b == 0));
+    assert_eq!(buf[4 * MIB as usize + 8192..], fill(3, 8 * MIB)[4 * MIB as usize + 8192..]);
+
+    // Space stays reclaimed across a reopen.
+    drop(s);
+    let s = Store::open(&dir.path().join("r")).unwrap();
+    assert_eq!(alloc(&s).0, 4 * MIB);
+}
+
+#[test]
+fn a_thousand_snapshots_deleted_in_random_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = new_store(dir.path(), 16 * MIB);
+    let n = 1100u64;
+    for i in 0..n {
+        // Each snapshot sees a different block 0 and its own block i.
+        s.write(0, &fill(i as u8, 4096), false).unwrap();
+        s.write((1 + i % 200) * CS, &fill(i as u8 ^ 0x55, 4096), false).unwrap();
+        s.create_snapshot(&format!("snap-{i:04}")).unwrap();
+    }
+    assert_eq!(s.list_snapshots().len(), n as usize);
+    let mut buf = vec![0u8; 4096];
+    for i in [0u64, 1, 499, 1099] {
+        s.read_snapshot(&format!("snap-{i:04}"), 0, &mut buf).unwrap();
+        assert_eq!(buf, fill(i as u8, 4096), "snapshot {i}");
+    }
+    // Survives a reopen.
+    drop(s);
+    let s = Store::open(&dir.path().join("r")).unwrap();
+    assert_eq!(s.list_snapshots().len(), n as usize);
+    let mut order: Vec<u64> = (0..n).collect();
+    order.shuffle(&mut rand::rng());
+    for (k, i) in order.iter().enumerate() {
+        s.delete_snapshot(&format!("snap-{i:04}")).unwrap();
+        if k % 250 == 0 {
+            // A survivor still reads right.
+            if let Some(j) = order[k + 1..].first() {
+                s.read_snapshot(&format!("snap-{j:04}"), 0, &mut buf).unwrap();
+                assert_eq!(buf, fill(*j as u8, 4096));
+            }
+        }
+    }
+    assert!(s.list_snapshots().is_empty());
+    // Only the head's clusters remain: block 0 and 200 others.
+    assert_eq!(s.stat().unwrap().allocated_bytes, 201 * CS);
+}
+
+#[test]
+fn steady_state_overwrites_write_no_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = new_store(dir.path(), 16 * MIB);
+    s.write(0, &fill(1, MIB), false).unwrap();
+    let before = s.metadata_sequence();
+    for i in 0..500u64 {
+        s.write((i % 256) * 4096, &fill(i as u8, 4096), false).unwrap();
+    }
+    s.flush().unwrap();
+    assert_eq!(s.metadata_sequence(), before, "overwrites of unshared clusters wrote metadata");
+    // After a snapshot the first overwrite of a cluster copies it (one mapping), later ones do not.
+    s.create_snapshot("s").unwrap();
+    let before = s.metadata_sequence();
+    s.write(0, &fill(9, 4096), false).unwrap();
+    assert_eq!(s.metadata_sequence(), before + 1);
+    s.write(4096, &fill(10, 4096), false).unwrap();
+    assert_eq!(s.metadata_sequence(), before + 1);
+}
+
+#[test]
+fn fences_are_durable_and_monotonic() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = new_store(dir.path(), MIB);
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    assert_eq!(s.fence(3, a).unwrap(), FenceOutcome::Raised { previous: 0 });
+    assert_eq!(s.fence(3, a).unwrap(), FenceOutcome::AlreadyHeld);
+    assert!(matches!(s.fence(3, b), Err(StoreError::EpochConflict { epoch: 3, .. })));
+    assert!(matches!(s.fence(2, b), Err(StoreError::StaleEpoch { epoch: 2, current: 3 })));
+    drop(s);
+    let s = Store::open(&dir.path().join("r")).unwrap();
+    assert_eq!(s.epoch(), (3, Some(a)));
+    assert_eq!(s.fence(4, b).unwrap(), FenceOutcome::Raised { previous: 3 });
+}
+
+#[test]
+fn reused_clusters_read_zeros_where_unwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = new_store(dir.path(), 4 * MIB);
+    s.write(0, &fill(7, CS), false).unwrap();
+    s.unmap(0, CS).unwrap();
+    s.flush().unwrap();
+    // The freed physical cluster is the lowest free one, so this partial write reuses it.
+    s.write(CS, &fill(8, 4096), false).unwrap();
+    let mut buf = vec![0xFFu8; CS as usize];
+    s.read(CS, &mut buf).unwrap();
+    assert_eq!(buf[..4096], fill(8, 4096)[..]);
+    assert!(buf[4096..].iter().all(|&b| b == 0), "old bytes leaked into a reused cluster");
+    assert_eq!(s.stat().unwrap().allocated_bytes, CS);
+}
+
+#[test]
+fn geometry_and_names_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = |size, cluster_size| {
+        Store::create(&dir.path().join("x"), &CreateOptions { volume_id: "v".into(), size, cluster_size }).unwrap_err()
+    };
+    assert!(matches!(bad(0, CS), StoreError::InvalidArgument(_)));
+    assert!(matches!(bad(MIB + 1, CS), StoreError::InvalidArgument(_)));
+    assert!(matches!(bad(MIB, 3000), StoreError::InvalidArgument(_)));
+    assert!(matches!(bad(MIB, 8 << 20), StoreError::InvalidArgument(_)));
+    let s = new_store(dir.path(), MIB);
+    assert!(matches!(
+        Store::create(&dir.path().join("r"), &CreateOptions { volume_id: "v".into(), size: MIB, cluster_size: CS }),
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert!(matches!(Store::open(&dir.path().join("nothing")), Err(StoreError::NotFound(_))));
+    assert!(matches!(s.create_snapshot(""), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(s.create_snapshot(&"x".repeat(200)), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(s.write(MIB, &[0u8; 4096], false), Err(StoreError::OutOfRange { .. })));
+    assert!(matches!(s.write(512, &[0u8; 4096], false), Err(StoreError::Unaligned { .. })));
+    assert!(matches!(s.unmap(u64::MAX - 4095, 4096), Err(StoreError::OutOfRange { .. })));
+    assert!(matches!(s.resize(MIB - 4096), Err(StoreError::Shrink { .. })));
+    // A clone refuses to overwrite an existing store.
+    s.create_snapshot("s").unwrap();
+    assert!(matches!(s.clone_snapshot("s", &dir.path().join("r"), "v2", |_, _| {}), Err(StoreError::AlreadyExists(_))));
+    assert!(matches!(s.clone_snapshot("nope", &dir.path().join("c"), "v2", |_, _| {}), Err(StoreError::SnapshotNotFound(_))));
+}
