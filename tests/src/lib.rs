@@ -1,1 +1,118 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the workspace integration tests: finding and starting the real binaries,
+//! and scratch filesystems on loop devices.
+
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary, next to the test executable's `deps/` directory. `.ci/run` builds
+/// every binary before the tests run.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not built (run `cargo build --workspace --bins`)", p.display());
+    p
+}
+
+/// A running `barnacle-replica` process. Killed with SIGKILL on drop.
+#[derive(Debug)]
+pub struct ReplicaProcess {
+    pub child: Child,
+    pub data: SocketAddr,
+    pub mgmt: SocketAddr,
+}
+
+impl ReplicaProcess {
+    /// Starts a replica serving `dir`; `size` creates the store if absent. The token is read
+    /// from `token_file`, never from argv.
+    pub fn start(dir: &Path, volume_id: &str, token_file: &Path, size: Option<&str>, log: &Path) -> ReplicaProcess {
+        let ready = dir.with_extension("ready");
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = Command::new(binary("barnacle-replica"));
+        cmd.arg("--dir").arg(dir).arg("--volume-id").arg(volume_id).arg("--token-file").arg(token_file);
+        cmd.arg("--ready-file").arg(&ready);
+        if let Some(s) = size {
+            cmd.arg("--size").arg(s);
+        }
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(body) = std::fs::read_to_string(&ready) {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let data = v["data"].as_str().unwrap().parse().unwrap();
+                let mgmt = v["mgmt"].as_str().unwrap().parse().unwrap();
+                return ReplicaProcess { child, data, mgmt };
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("replica exited early with {status}; log: {}", std::fs::read_to_string(log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "replica did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ReplicaProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// A filesystem of `size_mib` MiB made with `mkfs` (e.g. "xfs", "ext4") on a loop device over a
+/// sparse file, mounted at `mountpoint`. Unmounted and detached on drop. Needs root.
+#[derive(Debug)]
+pub struct LoopFs {
+    pub mountpoint: PathBuf,
+    device: String,
+    _backing: tempfile::TempDir,
+}
+
+impl LoopFs {
+    pub fn new(fstype: &str, size_mib: u64) -> LoopFs {
+        let backing = tempfile::tempdir().unwrap();
+        let img = backing.path().join("disk.img");
+        std::fs::File::create(&img).unwrap().set_len(size_mib << 20).unwrap();
+        let device = String::from_utf8(run("losetup", &["--find", "--show", img.to_str().unwrap()]).stdout)
+            .unwrap()
+            .trim()
+            .to_owned();
+        let mkfs = format!("mkfs.{fstype}");
+        let force = if fstype == "xfs" { "-f" } else { "-F" };
+        run(&mkfs, &["-q", force, &device]);
+        let mountpoint = backing.path().join("mnt");
+        std::fs::create_dir(&mountpoint).unwrap();
+        run("mount", &[&device, mountpoint.to_str().unwrap()]);
+        LoopFs { mountpoint, device, _backing: backing }
+    }
+
+    /// Bytes the filesystem reports in use (statvfs).
+    pub fn used_bytes(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(&self.mountpoint).unwrap();
+        (s.blocks() - s.blocks_free()) * s.fragment_size()
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mountpoint).status();
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
