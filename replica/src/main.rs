@@ -39,8 +39,8 @@ struct Args {
     /// Close a data connection that sends nothing, not even a heartbeat, for this long.
     #[arg(long, default_value_t = 30_000)]
     idle_timeout_ms: u64,
-    /// Requests one data connection may have in flight.
-    #[arg(long, default_value_t = 256)]
+    /// Requests one data connection may have in flight (each holds up to 4 MiB of data).
+    #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
     /// Write the bound addresses here as JSON once serving.
     #[arg(long)]
