@@ -5,7 +5,12 @@
 //! `cargo bench -p barnacle-replica --bench replica_bench` (env: BENCH_SECONDS per workload,
 //! default 5; BENCH_DIR for the scratch directory, default the system temp dir; BENCH_QD, default 32).
 
-#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss
+)]
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -113,11 +118,18 @@ async fn run<T: Target>(t: Arc<T>, kind: Kind, qd: usize, secs: f64) -> f64 {
 async fn main() {
     let secs: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5.0);
     let qd: usize = std::env::var("BENCH_QD").ok().and_then(|s| s.parse().ok()).unwrap_or(32);
-    let base = std::env::var("BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
+    let base =
+        std::env::var("BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
     let dir = tempfile::tempdir_in(base).unwrap();
 
     // Raw file, fully written first so both sides overwrite allocated space.
-    let raw = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("raw")).unwrap();
+    let raw = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("raw"))
+        .unwrap();
     let chunk = vec![0x11u8; 1 << 20];
     for i in 0..SIZE >> 20 {
         raw.write_all_at(&chunk, i << 20).unwrap();
@@ -126,7 +138,13 @@ async fn main() {
     let raw = Arc::new(RawFile(Arc::new(raw)));
 
     // Replica over loopback, equally prefilled.
-    let cfg = ServerConfig { volume_id: "bench".into(), token: "t".into(), idle_timeout: Duration::from_secs(60), max_in_flight: 256 };
+    let cfg = ServerConfig {
+        volume_id: "bench".into(),
+        token: "t".into(),
+        idle_timeout: Duration::from_secs(60),
+        max_in_flight: 256,
+        data_device: None,
+    };
     let replica = Replica::new(cfg, &dir.path().join("replica")).unwrap();
     replica.create_store(SIZE, 64 * 1024).await.unwrap();
     let data = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -155,7 +173,11 @@ async fn main() {
     client.flush().await.unwrap();
     let remote = Arc::new(Remote(Arc::new(client)));
 
-    println!("replica benchmark: {qd} in flight, {secs} s per workload, {} MiB region, dir {}", SIZE >> 20, dir.path().display());
+    println!(
+        "replica benchmark: {qd} in flight, {secs} s per workload, {} MiB region, dir {}",
+        SIZE >> 20,
+        dir.path().display()
+    );
     println!("{:<16} {:>14} {:>14} {:>8}", "workload", "raw file", "replica", "ratio");
     for kind in [Kind::RandWrite4k, Kind::RandRead4k, Kind::SeqWrite1m, Kind::SeqRead1m] {
         let a = run(raw.clone(), kind, qd, secs).await;

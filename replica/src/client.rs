@@ -80,6 +80,22 @@ enum Waiter {
 struct Shared {
     pending: Mutex<HashMap<u64, Waiter>>,
     closed: CancellationToken,
+    /// When the connection was made; `last_reply_ms` counts from here.
+    born: std::time::Instant,
+    /// Milliseconds after `born` of the last reply of any kind (pings included).
+    last_reply_ms: AtomicU64,
+}
+
+impl Shared {
+    fn touch(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_reply_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn silence(&self) -> Duration {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(ms.saturating_sub(self.last_reply_ms.load(Ordering::Relaxed)))
+    }
 }
 
 /// A connected, authenticated client. Dropping it closes the connection.
@@ -139,28 +155,29 @@ impl ReplicaClient {
         }
         let hello: HelloReply = parse(&reply)?;
 
-        let shared = Arc::new(Shared { pending: Mutex::new(HashMap::new()), closed: CancellationToken::new() });
-        let (out, mut out_rx) = mpsc::channel::<Request>(1024);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            closed: CancellationToken::new(),
+            born: std::time::Instant::now(),
+            last_reply_ms: AtomicU64::new(0),
+        });
+        let (out, mut out_rx) = mpsc::channel::<Request>(256);
         let closed = shared.closed.clone();
         tokio::spawn(async move {
-            loop {
-                let req = tokio::select! {
-                    () = closed.cancelled() => break,
-                    r = out_rx.recv() => r,
-                };
-                let Some(req) = req else { break };
-                if writer.feed(req).await.is_err() {
-                    break;
-                }
-                while let Ok(req) = out_rx.try_recv() {
-                    if writer.feed(req).await.is_err() {
-                        closed.cancel();
-                        return;
+            let write = async {
+                while let Some(req) = out_rx.recv().await {
+                    writer.feed(req).await?;
+                    while let Ok(req) = out_rx.try_recv() {
+                        writer.feed(req).await?;
                     }
+                    writer.flush().await?;
                 }
-                if writer.flush().await.is_err() {
-                    break;
-                }
+                Ok::<(), wire::WireError>(())
+            };
+            // A replica that stopped reading must not hold this task (or its callers) forever.
+            tokio::select! {
+                () = closed.cancelled() => {}
+                _ = write => {}
             }
             closed.cancel();
         });
@@ -172,6 +189,7 @@ impl ReplicaClient {
                     n = reader.next() => n,
                 };
                 let Some(Ok(reply)) = next else { break };
+                sh.touch();
                 let waiter = {
                     let mut pending = sh.pending.lock();
                     let w = pending.remove(&reply.id);
@@ -196,23 +214,30 @@ impl ReplicaClient {
             // Fail everything still waiting.
             sh.pending.lock().clear();
         });
-        let client = ReplicaClient { shared, out, next_id: AtomicU64::new(1), timeout: cfg.request_timeout, hello };
+        let client =
+            ReplicaClient { shared, out, next_id: AtomicU64::new(1), timeout: cfg.request_timeout, hello };
         if !cfg.heartbeat.is_zero() {
             let out = client.out.clone();
-            let closed = client.shared.closed.clone();
+            let shared = client.shared.clone();
             let every = cfg.heartbeat;
+            // No reply at all for this long means the replica is gone: close, failing every
+            // waiter, instead of letting callers wait out their own timeouts one by one.
+            let dead_after = (every * 4).max(Duration::from_secs(1));
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.tick().await;
                 loop {
                     tokio::select! {
-                        () = closed.cancelled() => break,
+                        () = shared.closed.cancelled() => break,
                         _ = tick.tick() => {}
                     }
-                    // Ping replies carry id 0 and are simply dropped by the reader.
-                    if out.send(Request { id: 0, op: Op::Ping }).await.is_err() {
+                    if shared.silence() > dead_after {
+                        shared.closed.cancel();
                         break;
                     }
+                    // Ping replies carry id 0 and are simply dropped by the reader; a full queue
+                    // skips a beat rather than waiting.
+                    let _ = out.try_send(Request { id: 0, op: Op::Ping });
                 }
             });
         }
@@ -229,6 +254,12 @@ impl ReplicaClient {
         self.shared.closed.is_cancelled()
     }
 
+    /// How long since the replica last answered anything (a heartbeat included): what an engine's
+    /// lease is judged by.
+    pub fn silence(&self) -> Duration {
+        self.shared.silence()
+    }
+
     async fn call(&self, op: Op) -> Result<Reply, ClientError> {
         if self.is_closed() {
             return Err(ClientError::Closed);
@@ -236,16 +267,25 @@ impl ReplicaClient {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.shared.pending.lock().insert(id, Waiter::One(tx));
-        if self.out.send(Request { id, op }).await.is_err() {
-            self.shared.pending.lock().remove(&id);
-            return Err(ClientError::Closed);
-        }
-        match tokio::time::timeout(self.timeout, rx).await {
+        // Queueing counts against the timeout too: a replica that stopped reading fills the queue.
+        let exchange = async {
+            self.out.send(Request { id, op }).await.map_err(|_| ClientError::Closed)?;
+            rx.await.map_err(|_| ClientError::Closed)
+        };
+        let closed = self.shared.closed.clone();
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(self.timeout, exchange) => r,
+            () = closed.cancelled() => Ok(Err(ClientError::Closed)),
+        };
+        match outcome {
             Err(_) => {
                 self.shared.pending.lock().remove(&id);
                 Err(ClientError::Timeout(self.timeout))
             }
-            Ok(Err(_)) => Err(ClientError::Closed),
+            Ok(Err(e)) => {
+                self.shared.pending.lock().remove(&id);
+                Err(e)
+            }
             Ok(Ok(r)) if r.status == Status::Ok => Ok(r),
             Ok(Ok(r)) => Err(remote(r)),
         }
@@ -322,6 +362,11 @@ impl ReplicaClient {
     ) -> Result<mpsc::Receiver<Result<(u64, Bytes), ClientError>>, ClientError> {
         if self.is_closed() {
             return Err(ClientError::Closed);
+        }
+        if !len.is_multiple_of(4096) || (len >> 12) > u64::from(u32::MAX) {
+            return Err(ClientError::Protocol(format!(
+                "stream length {len} must be a multiple of 4096 below 16 TiB"
+            )));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<Reply>(8);

@@ -31,6 +31,8 @@ pub enum StoreError {
     SnapshotNotFound(String),
     #[error("snapshot {0:?} already exists")]
     SnapshotExists(String),
+    #[error("snapshot {0:?} is in use by a clone; try again when it finished")]
+    SnapshotBusy(String),
     #[error("too many snapshots (limit {0})")]
     TooManySnapshots(usize),
     #[error("cannot shrink from {size} to {requested} bytes")]

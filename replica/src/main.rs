@@ -33,6 +33,10 @@ struct Args {
     /// Create the store with this size (e.g. 10GiB) if the directory holds none.
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
+    /// Keep the data on this raw partition (block device) instead of a file in --dir; --dir
+    /// then holds only the metadata. Used when the store is created.
+    #[arg(long)]
+    data_device: Option<PathBuf>,
     /// Cluster size for a store created by --size.
     #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_CLUSTER_SIZE)]
     cluster_size: u64,
@@ -67,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     set_io_flusher();
@@ -80,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
         token,
         idle_timeout: Duration::from_millis(args.idle_timeout_ms),
         max_in_flight: args.max_in_flight,
+        data_device: args.data_device.clone(),
     };
     let replica = Replica::new(cfg, &args.dir).context("opening the replica store")?;
     if let Some(size) = args.size
@@ -87,7 +93,9 @@ async fn main() -> anyhow::Result<()> {
     {
         replica.create_store(size, args.cluster_size).await.context("creating the replica store")?;
     }
-    let data = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let data = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
     let mgmt = tokio::net::TcpListener::bind(&args.mgmt_listen)
         .await
         .with_context(|| format!("binding {}", args.mgmt_listen))?;

@@ -32,6 +32,7 @@ pub fn grpc_status(e: &StoreError) -> Status {
         StoreError::InvalidArgument(_) | StoreError::Unaligned { .. } => Status::invalid_argument(msg),
         StoreError::OutOfRange { .. } | StoreError::Shrink { .. } => Status::out_of_range(msg),
         StoreError::TooManySnapshots(_) => Status::resource_exhausted(msg),
+        StoreError::SnapshotBusy(_) => Status::aborted(msg),
         StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
             Status::resource_exhausted(msg)
         }
@@ -68,8 +69,10 @@ impl Manager {
     /// The tonic service, with the token check in front of every call.
     pub fn service(
         replica: Arc<Replica>,
-    ) -> tonic::service::interceptor::InterceptedService<ReplicaManagerServer<Manager>, impl tonic::service::Interceptor + Clone>
-    {
+    ) -> tonic::service::interceptor::InterceptedService<
+        ReplicaManagerServer<Manager>,
+        impl tonic::service::Interceptor + Clone,
+    > {
         let expected = format!("Bearer {}", replica.config().token);
         let volume_id = replica.config().volume_id.clone();
         let check = move |req: Request<()>| {
@@ -115,7 +118,10 @@ impl ReplicaManager for Manager {
         Ok(Response::new(stat_response(&store)?))
     }
 
-    async fn create_snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
         let name = req.into_inner().name;
         let store = self.store()?;
         let s = blocking(move || store.create_snapshot(&name)).await.map_err(|e| grpc_status(&e))?;

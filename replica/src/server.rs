@@ -27,12 +27,15 @@ use uuid::Uuid;
 
 use crate::error::StoreError;
 use crate::store::{CreateOptions, Store};
-use crate::wire::{
-    self, HelloReply, Op, Reply, Request, ServerCodec, SnapshotEntry, StatReply, Status,
-};
+use crate::wire::{self, HelloReply, Op, Reply, Request, ServerCodec, SnapshotEntry, StatReply, Status};
 
 /// How long a new connection has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest frame before a connection authenticated: a hello fits easily, and an unauthenticated
+/// peer cannot make the server reserve megabytes.
+const PRE_AUTH_MAX_FRAME: u32 = 4096;
+/// Connections one replica serves at once (an engine needs a handful).
+const MAX_CONNECTIONS: usize = 256;
 /// Data per reply frame of a READ_ALLOCATED stream.
 const STREAM_CHUNK: u64 = 1 << 20;
 
@@ -46,6 +49,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Requests one connection may have in flight.
     pub max_in_flight: usize,
+    /// Raw partition for the data of a store this replica creates (else a file in its directory).
+    pub data_device: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -82,19 +87,37 @@ pub fn status_of(e: &StoreError) -> Status {
         }
         StoreError::SnapshotNotFound(_) => Status::NotFound,
         StoreError::TooManySnapshots(_) => Status::NoSpace,
+        StoreError::SnapshotBusy(_) => Status::Busy,
         StoreError::StaleEpoch { .. } => Status::StaleEpoch,
         StoreError::EpochConflict { .. } => Status::EpochConflict,
     }
 }
 
-/// The epoch and engine a connection speaks for.
+/// The epoch and engine a connection speaks for, and the one it is fencing in, if any.
+#[derive(Debug, Clone, Copy)]
+struct Authority {
+    current: (u64, Uuid),
+    /// Set while this connection's fence is being persisted, so its own pipelined requests are
+    /// not refused in the instant between the replica taking the epoch and the connection doing so.
+    pending: Option<(u64, Uuid)>,
+}
+
 #[derive(Debug)]
 struct Conn {
     id: u64,
     peer: SocketAddr,
-    authority: Mutex<(u64, Uuid)>,
+    authority: Mutex<Authority>,
     cancel: CancellationToken,
     tracker: TaskTracker,
+}
+
+impl Conn {
+    /// True when this connection may do IO for a replica at `(epoch, holder)`.
+    fn holds(&self, epoch: u64, holder: Option<Uuid>) -> bool {
+        let a = *self.authority.lock();
+        let is = |(e, who): (u64, Uuid)| e == epoch && holder == Some(who);
+        is(a.current) || a.pending.is_some_and(is)
+    }
 }
 
 /// One replica process's shared state: its store (if created) and its live connections.
@@ -174,7 +197,12 @@ impl Replica {
             };
         }
         let dir = self.dir.clone();
-        let opts = CreateOptions { volume_id: self.cfg.volume_id.clone(), size, cluster_size };
+        let opts = CreateOptions {
+            volume_id: self.cfg.volume_id.clone(),
+            size,
+            cluster_size,
+            data_device: self.cfg.data_device.clone(),
+        };
         let s = Arc::new(blocking(move || Store::create(&dir, &opts)).await?);
         *self.store.write() = Some(s.clone());
         Ok(s)
@@ -241,14 +269,22 @@ impl Replica {
             }
         };
         let store = self.store()?;
-        blocking(move || store.fence(epoch, engine)).await?;
-        *by.authority.lock() = (epoch, engine);
+        by.authority.lock().pending = Some((epoch, engine));
+        let fenced = blocking(move || store.fence(epoch, engine)).await;
+        {
+            let mut a = by.authority.lock();
+            a.pending = None;
+            if fenced.is_ok() {
+                a.current = (epoch, engine);
+            }
+        }
+        fenced?;
         let victims: Vec<Arc<Conn>> = self
             .conns
             .lock()
             .values()
             .filter(|c| {
-                let (e, who) = *c.authority.lock();
+                let (e, who) = c.authority.lock().current;
                 c.id != by.id && (e < epoch || (e == epoch && who != engine))
             })
             .cloned()
@@ -268,6 +304,7 @@ impl Replica {
 /// Accepts connections until `shutdown` fires.
 pub async fn serve(listener: TcpListener, replica: Arc<Replica>, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -275,10 +312,20 @@ pub async fn serve(listener: TcpListener, replica: Arc<Replica>, shutdown: Cance
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    warn!(volume_id = %replica.cfg.volume_id, %peer, "refused connection: too many connections");
+                    continue;
+                };
                 let r = replica.clone();
                 let sd = shutdown.clone();
                 let span = info_span!("conn", volume_id = %replica.cfg.volume_id, %peer);
-                tracker.spawn(handle_conn(r, stream, peer, sd).instrument(span));
+                tracker.spawn(
+                    async move {
+                        handle_conn(r, stream, peer, sd).await;
+                        drop(slot);
+                    }
+                    .instrument(span),
+                );
             }
             Err(e) => {
                 warn!(volume_id = %replica.cfg.volume_id, error = %e, "accept failed");
@@ -323,6 +370,10 @@ async fn handshake(
             Err(e) => Err(refuse(Status::NoStore, e.to_string())),
             Ok(store) => {
                 let (current, holder) = store.epoch();
+                let size = {
+                    let s = store.clone();
+                    blocking(move || Ok(s.size())).await.unwrap_or(0)
+                };
                 if hello.epoch < current {
                     warn!(epoch = hello.epoch, current, engine = %hello.engine_id, "refused connection: stale epoch");
                     Err(refuse(Status::StaleEpoch, format!("epoch {} is older than {current}", hello.epoch)))
@@ -334,7 +385,7 @@ async fn handshake(
                         version: wire::VERSION,
                         volume_id: replica.cfg.volume_id.clone(),
                         store_id: store.store_id(),
-                        size: store.size(),
+                        size,
                         epoch: current,
                         max_io: wire::MAX_IO,
                     };
@@ -352,37 +403,47 @@ async fn handshake(
     }
 }
 
-async fn handle_conn(replica: Arc<Replica>, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+async fn handle_conn(
+    replica: Arc<Replica>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    let mut reader = FramedRead::new(rd, ServerCodec::default());
+    let mut reader = FramedRead::new(rd, ServerCodec { max_frame: PRE_AUTH_MAX_FRAME });
     let mut writer = FramedWrite::new(wr, ServerCodec::default());
     let Some(authority) = handshake(&replica, &mut reader, &mut writer).await else { return };
+    reader.decoder_mut().max_frame = wire::MAX_FRAME;
     let conn = Arc::new(Conn {
         id: replica.next_conn.fetch_add(1, Ordering::Relaxed),
         peer,
-        authority: Mutex::new(authority),
+        authority: Mutex::new(Authority { current: authority, pending: None }),
         cancel: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });
     replica.conns.lock().insert(conn.id, conn.clone());
     debug!(epoch = authority.0, engine = %authority.1, "connection accepted");
 
-    let (tx, mut rx) = mpsc::channel::<Reply>(replica.cfg.max_in_flight.max(1) * 2);
+    // Replies queue here; a closed connection (cancelled by a fence or delete) stops writing at
+    // once and drops the queue, so request tasks never wait on a peer that stopped reading.
+    let (tx, mut rx) = mpsc::channel::<Reply>(replica.cfg.max_in_flight.max(1));
+    let cancel = conn.cancel.clone();
     let write_task = tokio::spawn(
         async move {
-            while let Some(r) = rx.recv().await {
-                if writer.feed(r).await.is_err() {
-                    return;
-                }
-                while let Ok(r) = rx.try_recv() {
-                    if writer.feed(r).await.is_err() {
-                        return;
+            let write = async {
+                while let Some(r) = rx.recv().await {
+                    writer.feed(r).await?;
+                    while let Ok(r) = rx.try_recv() {
+                        writer.feed(r).await?;
                     }
+                    writer.flush().await?;
                 }
-                if writer.flush().await.is_err() {
-                    return;
-                }
+                Ok::<(), wire::WireError>(())
+            };
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                _ = write => {}
             }
         }
         .in_current_span(),
@@ -421,8 +482,28 @@ async fn handle_conn(replica: Arc<Replica>, stream: TcpStream, peer: SocketAddr,
     conn.tracker.wait().await;
     drop(tx);
     let _ = write_task.await;
+    if conn.cancel.is_cancelled() {
+        debug!("connection closed by a fence or delete");
+    }
     replica.conns.lock().remove(&conn.id);
     debug!("connection closed");
+}
+
+/// `None` when `conn` holds the replica's current epoch; otherwise the refusal.
+fn authorize(store: &Store, conn: &Conn) -> Option<(Status, String)> {
+    let (current, holder) = store.epoch();
+    if conn.holds(current, holder) {
+        return None;
+    }
+    let (epoch, engine) = conn.authority.lock().current;
+    Some(if epoch < current {
+        warn!(epoch, current, "refused request: stale epoch");
+        (Status::StaleEpoch, format!("epoch {epoch} is older than {current}"))
+    } else if epoch > current {
+        (Status::NotFenced, format!("epoch {epoch} has not been fenced in (replica at {current})"))
+    } else {
+        (Status::EpochConflict, format!("epoch {epoch} is not held by engine {engine}"))
+    })
 }
 
 fn store_reply(id: u64, r: Result<Bytes, StoreError>) -> Reply {
@@ -449,7 +530,8 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
     let reply = match req.op {
         Op::Ping => Some(Reply::ok(id, Bytes::new())),
         Op::Stat => {
-            let r = store.stat().map(|s| {
+            let s2 = store.clone();
+            let r = blocking(move || s2.stat()).await.map(|s| {
                 json(&StatReply {
                     volume_id: s.volume_id,
                     store_id: s.store_id,
@@ -475,7 +557,9 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
         }
         Op::Hello(_) => Some(Reply::error(id, Status::Invalid, "hello after the handshake")),
         Op::Invalid { ref reason } => Some(Reply::error(id, Status::Invalid, reason.clone())),
-        Op::Unknown { code } => Some(Reply::error(id, Status::Unsupported, format!("unknown opcode {code:#x}"))),
+        Op::Unknown { code } => {
+            Some(Reply::error(id, Status::Unsupported, format!("unknown opcode {code:#x}")))
+        }
         _ => None,
     };
     if let Some(r) = reply {
@@ -483,18 +567,7 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
         return;
     }
     // Everything else needs the authority of the replica's current epoch.
-    let (current, holder) = store.epoch();
-    let (epoch, engine) = *conn.authority.lock();
-    let refused = if epoch < current {
-        warn!(epoch, current, "refused request: stale epoch");
-        Some((Status::StaleEpoch, format!("epoch {epoch} is older than {current}")))
-    } else if epoch > current {
-        Some((Status::NotFenced, format!("epoch {epoch} has not been fenced in (replica at {current})")))
-    } else if holder != Some(engine) {
-        Some((Status::EpochConflict, format!("epoch {epoch} is not held by engine {engine}")))
-    } else {
-        None
-    };
+    let refused = authorize(&store, conn);
     if let Some((status, msg)) = refused {
         let _ = tx.send(Reply::error(id, status, msg)).await;
         return;
@@ -527,24 +600,37 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
             }
             Err(e) => Err(e),
         },
-        Op::Write { offset, data, fua } => blocking(move || store.write(offset, &data, fua).map(|()| Bytes::new())).await,
+        Op::Write { offset, data, fua } => {
+            blocking(move || store.write(offset, &data, fua).map(|()| Bytes::new())).await
+        }
         Op::Flush => blocking(move || store.flush().map(|()| Bytes::new())).await,
-        Op::Unmap { offset, len } => blocking(move || store.unmap(offset, u64::from(len)).map(|()| Bytes::new())).await,
+        Op::Unmap { offset, len } => {
+            blocking(move || store.unmap(offset, u64::from(len)).map(|()| Bytes::new())).await
+        }
         Op::WriteZeroes { offset, len } => {
             blocking(move || store.write_zeroes(offset, u64::from(len)).map(|()| Bytes::new())).await
         }
-        Op::SnapshotCreate { name } => blocking(move || store.create_snapshot(&name).map(|_| Bytes::new())).await,
-        Op::SnapshotDelete { name } => blocking(move || store.delete_snapshot(&name).map(|_| Bytes::new())).await,
-        Op::SnapshotList => Ok(json(
-            &store
-                .list_snapshots()
-                .into_iter()
-                .map(|s| SnapshotEntry { name: s.name, size: s.size, created_unix: s.created_unix })
-                .collect::<Vec<_>>(),
-        )),
+        Op::SnapshotCreate { name } => {
+            blocking(move || store.create_snapshot(&name).map(|_| Bytes::new())).await
+        }
+        Op::SnapshotDelete { name } => {
+            blocking(move || store.delete_snapshot(&name).map(|_| Bytes::new())).await
+        }
+        Op::SnapshotList => {
+            blocking(move || {
+                Ok(json(
+                    &store
+                        .list_snapshots()
+                        .into_iter()
+                        .map(|s| SnapshotEntry { name: s.name, size: s.size, created_unix: s.created_unix })
+                        .collect::<Vec<_>>(),
+                ))
+            })
+            .await
+        }
         Op::Resize { size } => blocking(move || store.resize(size).map(|()| Bytes::new())).await,
         Op::ReadAllocated { snapshot, offset, len } => {
-            stream_allocated(store, id, snapshot, offset, len, tx.clone()).await
+            stream_allocated(store, conn, id, snapshot, offset, len, tx).await
         }
         // Handled above.
         Op::Ping | Op::Stat | Op::Fence { .. } | Op::Hello(_) | Op::Invalid { .. } | Op::Unknown { .. } => {
@@ -559,38 +645,56 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
 
 /// Sends the allocated data of the head or a snapshot in `[offset, offset+len)` (len 0: to the
 /// end) as `MORE` replies, each `offset (u64 BE) ++ data`; the caller sends the final reply.
+/// Between pieces it stops if the connection was closed or lost the replica's epoch, so a fence
+/// never waits for a whole volume to stream.
 async fn stream_allocated(
     store: Arc<Store>,
+    conn: &Conn,
     id: u64,
     snapshot: Option<String>,
     offset: u64,
     len: u64,
-    tx: mpsc::Sender<Reply>,
+    tx: &mpsc::Sender<Reply>,
 ) -> Result<Bytes, StoreError> {
-    blocking(move || {
-        let extents = store.allocated_extents(snapshot.as_deref())?;
-        let end = if len == 0 { u64::MAX } else { offset.saturating_add(len) };
+    let end = if len == 0 { u64::MAX } else { offset.saturating_add(len) };
+    let mut from = offset;
+    let stale =
+        || StoreError::StaleEpoch { epoch: conn.authority.lock().current.0, current: store.epoch().0 };
+    while from < end {
+        // A page of extents at a time: memory stays bounded however fragmented the volume.
+        let (s, snap) = (store.clone(), snapshot.clone());
+        let extents = blocking(move || s.allocated_extents(snap.as_deref(), from, 1024)).await?;
+        let Some(last) = extents.last() else { break };
+        // The next page starts at the next cluster (the last extent may end mid-cluster at the
+        // end of the volume).
+        from = (last.offset + last.len).next_multiple_of(store.cluster_size());
         for e in extents {
             let (mut at, stop) = (e.offset.max(offset), (e.offset + e.len).min(end));
             while at < stop {
-                let n = (stop - at).min(STREAM_CHUNK);
-                let mut buf = BytesMut::with_capacity(8 + n as usize);
-                buf.put_u64(at);
-                buf.resize(8 + n as usize, 0);
-                match &snapshot {
-                    Some(s) => store.read_snapshot(s, at, &mut buf[8..])?,
-                    None => store.read(at, &mut buf[8..])?,
+                if conn.cancel.is_cancelled() || authorize(&store, conn).is_some() {
+                    return Err(stale());
                 }
-                let reply = Reply { id, status: Status::Ok, more: true, payload: buf.freeze() };
-                if tx.blocking_send(reply).is_err() {
-                    return Ok(Bytes::new());
+                let n = (stop - at).min(STREAM_CHUNK);
+                let (s, snap) = (store.clone(), snapshot.clone());
+                let payload = blocking(move || {
+                    let mut buf = BytesMut::with_capacity(8 + n as usize);
+                    buf.put_u64(at);
+                    buf.resize(8 + n as usize, 0);
+                    match &snap {
+                        Some(name) => s.read_snapshot(name, at, &mut buf[8..])?,
+                        None => s.read(at, &mut buf[8..])?,
+                    }
+                    Ok(buf.freeze())
+                })
+                .await?;
+                if tx.send(Reply { id, status: Status::Ok, more: true, payload }).await.is_err() {
+                    return Err(stale());
                 }
                 at += n;
             }
         }
-        Ok(Bytes::new())
-    })
-    .await
+    }
+    Ok(Bytes::new())
 }
 
 #[cfg(test)]

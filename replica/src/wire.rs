@@ -67,6 +67,7 @@ pub enum Status {
     NoStore = 11,
     Unsupported = 12,
     NoSpace = 13,
+    Busy = 14,
 }
 
 impl Status {
@@ -87,6 +88,7 @@ impl Status {
             11 => NoStore,
             12 => Unsupported,
             13 => NoSpace,
+            14 => Busy,
             _ => return None,
         })
     }
@@ -161,25 +163,59 @@ pub struct Request {
 pub enum Op {
     Hello(Hello),
     Ping,
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    Unmap { offset: u64, len: u32 },
-    WriteZeroes { offset: u64, len: u32 },
-    ReadSnapshot { name: String, offset: u64, len: u32 },
-    SnapshotCreate { name: String },
-    SnapshotDelete { name: String },
+    Unmap {
+        offset: u64,
+        len: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+    },
+    ReadSnapshot {
+        name: String,
+        offset: u64,
+        len: u32,
+    },
+    SnapshotCreate {
+        name: String,
+    },
+    SnapshotDelete {
+        name: String,
+    },
     SnapshotList,
     Stat,
-    Fence { epoch: u64, engine_id: Uuid },
-    Resize { size: u64 },
+    Fence {
+        epoch: u64,
+        engine_id: Uuid,
+    },
+    Resize {
+        size: u64,
+    },
     /// Streams the allocated data of the head (no name) or a snapshot from `offset` on, for at most
     /// `len` bytes (0: to the end).
-    ReadAllocated { snapshot: Option<String>, offset: u64, len: u64 },
+    ReadAllocated {
+        snapshot: Option<String>,
+        offset: u64,
+        len: u64,
+    },
     /// The request was framed correctly but its contents are not: answered with `Invalid`.
-    Invalid { reason: String },
+    Invalid {
+        reason: String,
+    },
     /// An opcode this build does not know: answered with `Unsupported`.
-    Unknown { code: u8 },
+    Unknown {
+        code: u8,
+    },
 }
 
 /// A reply frame.
@@ -344,7 +380,8 @@ impl Encoder<Reply> for ServerCodec {
 
     fn encode(&mut self, r: Reply, dst: &mut BytesMut) -> Result<(), WireError> {
         let len = REPLY_HEADER + r.payload.len();
-        let len32 = u32::try_from(len).map_err(|_| WireError::TooLarge { len: u32::MAX, max: self.max_frame })?;
+        let len32 =
+            u32::try_from(len).map_err(|_| WireError::TooLarge { len: u32::MAX, max: self.max_frame })?;
         dst.reserve(4 + len);
         dst.put_u32(len32);
         dst.put_u64(r.id);
@@ -430,7 +467,8 @@ impl Encoder<Request> for ClientCodec {
             }
             Op::Resize { size } => (code, flags, offset, length) = (RESIZE, 0, size, 0),
             Op::ReadAllocated { snapshot, offset: o, len } => {
-                (code, flags, offset, length) = (READ_ALLOCATED, 0, o, u32::try_from(len >> 12).unwrap_or(u32::MAX));
+                (code, flags, offset, length) =
+                    (READ_ALLOCATED, 0, o, u32::try_from(len >> 12).unwrap_or(u32::MAX));
                 if let Some(s) = snapshot {
                     payload.put_slice(s.as_bytes());
                 }

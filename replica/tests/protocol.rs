@@ -41,7 +41,13 @@ impl Drop for Server {
 
 async fn server_with(idle: Duration, size: u64) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ServerConfig { volume_id: VOL.into(), token: TOKEN.into(), idle_timeout: idle, max_in_flight: 64 };
+    let cfg = ServerConfig {
+        volume_id: VOL.into(),
+        token: TOKEN.into(),
+        idle_timeout: idle,
+        max_in_flight: 64,
+        data_device: None,
+    };
     let replica = Replica::new(cfg, &dir.path().join("r")).unwrap();
     replica.create_store(size, 64 * 1024).await.unwrap();
     let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -126,7 +132,13 @@ async fn replies_come_back_out_of_order() {
     // back before the stream has ended.
     let stream = TcpStream::connect(s.data).await.unwrap();
     let mut f = Framed::new(stream, ClientCodec::default());
-    let hello = Hello { version: wire::VERSION, volume_id: VOL.into(), token: TOKEN.into(), epoch: 1, engine_id: engine };
+    let hello = Hello {
+        version: wire::VERSION,
+        volume_id: VOL.into(),
+        token: TOKEN.into(),
+        epoch: 1,
+        engine_id: engine,
+    };
     f.send(Request { id: 0, op: Op::Hello(hello) }).await.unwrap();
     assert_eq!(f.next().await.unwrap().unwrap().status, Status::Ok);
     f.send(Request { id: 1, op: Op::ReadAllocated { snapshot: None, offset: 0, len: 0 } }).await.unwrap();
@@ -243,9 +255,19 @@ async fn bad_requests_get_errors_and_lose_nothing() {
     // unknown opcode gets Unsupported; the connection stays usable.
     let mut raw = TcpStream::connect(s.data).await.unwrap();
     let mut buf = BytesMut::new();
-    let hello = Hello { version: wire::VERSION, volume_id: VOL.into(), token: TOKEN.into(), epoch: 1, engine_id: engine };
-    tokio_util::codec::Encoder::encode(&mut ClientCodec::default(), Request { id: 0, op: Op::Hello(hello) }, &mut buf)
-        .unwrap();
+    let hello = Hello {
+        version: wire::VERSION,
+        volume_id: VOL.into(),
+        token: TOKEN.into(),
+        epoch: 1,
+        engine_id: engine,
+    };
+    tokio_util::codec::Encoder::encode(
+        &mut ClientCodec::default(),
+        Request { id: 0, op: Op::Hello(hello) },
+        &mut buf,
+    )
+    .unwrap();
     for (id, code, len, payload) in [(7u64, wire::opcode::WRITE, 4096u32, 10usize), (8, 0xEE, 0, 0)] {
         buf.put_u32(24 + payload as u32);
         buf.put_u8(code);
@@ -320,6 +342,15 @@ async fn allocated_stream_carries_exactly_the_written_data() {
     assert_eq!(head, want[1..].to_vec());
     let window = collect(c.read_allocated(None, 5 * MIB, MIB).await.unwrap()).await;
     assert_eq!(window, want[1..3].to_vec());
+
+    // A volume whose size is not a whole number of clusters: the stream ends at the volume's end.
+    let odd = server_with(Duration::from_secs(30), 4 * MIB + 8192).await;
+    let (c, _) = fenced(&odd, 1).await;
+    c.write(4 * MIB, block(9, 8192), false).await.unwrap();
+    let mut rx = c.read_allocated(None, 0, 0).await.unwrap();
+    let (at, data) = rx.recv().await.unwrap().unwrap();
+    assert_eq!((at, data), (4 * MIB, block(9, 8192)));
+    assert!(rx.recv().await.is_none());
 }
 
 fn authed<T>(msg: T) -> tonic::Request<T> {
@@ -336,9 +367,13 @@ async fn management_api_snapshots_clones_resizes_and_deletes() {
     let mut m = ReplicaManagerClient::connect(format!("http://{}", s.mgmt)).await.unwrap();
 
     // Create is idempotent for the same geometry and refuses a different one.
-    let st = m.create(authed(pb::CreateRequest { size_bytes: 64 * MIB, cluster_size_bytes: 0 })).await.unwrap();
+    let st =
+        m.create(authed(pb::CreateRequest { size_bytes: 64 * MIB, cluster_size_bytes: 0 })).await.unwrap();
     assert_eq!(st.get_ref().size_bytes, 64 * MIB);
-    let e = m.create(authed(pb::CreateRequest { size_bytes: 32 * MIB, cluster_size_bytes: 0 })).await.unwrap_err();
+    let e = m
+        .create(authed(pb::CreateRequest { size_bytes: 32 * MIB, cluster_size_bytes: 0 }))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
 
     m.create_snapshot(authed(pb::SnapshotRequest { name: "base".into() })).await.unwrap();
@@ -385,11 +420,121 @@ async fn management_api_snapshots_clones_resizes_and_deletes() {
     let e = m.resize(authed(pb::ResizeRequest { size_bytes: MIB })).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::OutOfRange);
 
-    let freed = m.delete_snapshot(authed(pb::SnapshotRequest { name: "base".into() })).await.unwrap().into_inner();
+    let freed =
+        m.delete_snapshot(authed(pb::SnapshotRequest { name: "base".into() })).await.unwrap().into_inner();
     assert_eq!(freed.freed_bytes, 0, "the head still holds the data");
     m.delete(authed(pb::DeleteRequest {})).await.unwrap();
     assert!(c.read(0, 4096).await.is_err(), "connections close when the store is deleted");
     let e = m.stat(authed(pb::StatRequest {})).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert!(!s.replica.dir().join("data").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_is_not_held_up_by_a_peer_that_stopped_reading() {
+    let s = server().await;
+    let (c, engine) = fenced(&s, 1).await;
+    c.write(0, block(1, 4 * MIB as usize), false).await.unwrap();
+    // The old engine floods 4 MiB reads and never reads a reply: its socket and the replica's
+    // reply queue fill up.
+    let stream = TcpStream::connect(s.data).await.unwrap();
+    let mut f = Framed::new(stream, ClientCodec::default());
+    let hello = Hello {
+        version: wire::VERSION,
+        volume_id: VOL.into(),
+        token: TOKEN.into(),
+        epoch: 1,
+        engine_id: engine,
+    };
+    f.send(Request { id: 0, op: Op::Hello(hello) }).await.unwrap();
+    assert_eq!(f.next().await.unwrap().unwrap().status, Status::Ok);
+    for id in 1..200u64 {
+        f.feed(Request { id, op: Op::Read { offset: 0, len: 4 * MIB as u32 } }).await.unwrap();
+    }
+    f.feed(Request { id: 999, op: Op::ReadAllocated { snapshot: None, offset: 0, len: 0 } }).await.unwrap();
+    f.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (new, _) = tokio::time::timeout(Duration::from_secs(10), fenced(&s, 2))
+        .await
+        .expect("fence hung behind a peer that does not read");
+    assert_eq!(new.read(0, 4096).await.unwrap(), block(1, 4096));
+    drop(f);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refencing_on_the_same_connection_never_refuses_its_own_requests() {
+    let s = server().await;
+    let (c, engine) = fenced(&s, 1).await;
+    let c = Arc::new(c);
+    for epoch in 2..12u64 {
+        let writers: Vec<_> = (0..32u64)
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move { c.write(i * 4096, block(epoch * 100 + i, 4096), false).await })
+            })
+            .collect();
+        c.fence(epoch, engine).await.unwrap();
+        for w in writers {
+            w.await.unwrap().unwrap();
+        }
+    }
+    assert_eq!(c.stat().await.unwrap().epoch, 11);
+}
+
+/// A fake replica that answers the hello, then reads nothing and answers nothing.
+async fn mute_replica() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = l.accept().await.unwrap();
+        let mut f = Framed::new(stream, wire::ServerCodec::default());
+        let _hello = f.next().await;
+        let reply = wire::HelloReply {
+            version: wire::VERSION,
+            volume_id: VOL.into(),
+            store_id: Uuid::new_v4(),
+            size: 64 * MIB,
+            epoch: 0,
+            max_io: wire::MAX_IO,
+        };
+        f.send(wire::Reply::ok(0, Bytes::from(serde_json::to_vec(&reply).unwrap()))).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(f);
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_gives_up_on_a_replica_that_stopped_answering() {
+    // Without heartbeats: every call ends at its timeout, even when the socket is full.
+    let addr = mute_replica().await;
+    let mut config = cfg(0, Uuid::new_v4());
+    config.heartbeat = Duration::ZERO;
+    config.request_timeout = Duration::from_millis(800);
+    let c = Arc::new(ReplicaClient::connect(addr, config).await.unwrap());
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.write(i * 4 * MIB, block(i, 4 * MIB as usize), false).await })
+        })
+        .collect();
+    for call in calls {
+        let e = call.await.unwrap().unwrap_err();
+        assert!(matches!(e, ClientError::Timeout(_)), "{e}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "calls hung: {:?}", started.elapsed());
+
+    // With heartbeats: silence closes the connection and fails what waits.
+    let addr = mute_replica().await;
+    let mut config = cfg(0, Uuid::new_v4());
+    config.heartbeat = Duration::from_millis(100);
+    config.request_timeout = Duration::from_secs(60);
+    let c = ReplicaClient::connect(addr, config).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), c.flush())
+        .await
+        .expect("not closed on silence")
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Closed), "{e}");
+    assert!(c.is_closed() && c.silence() >= Duration::from_secs(1));
 }

@@ -12,7 +12,11 @@ const MIB: u64 = 1 << 20;
 const CS: u64 = 64 * 1024;
 
 fn new_store(dir: &std::path::Path, size: u64) -> Store {
-    Store::create(&dir.join("r"), &CreateOptions { volume_id: "vol".into(), size, cluster_size: CS }).unwrap()
+    Store::create(
+        &dir.join("r"),
+        &CreateOptions { volume_id: "vol".into(), size, cluster_size: CS, data_device: None },
+    )
+    .unwrap()
 }
 
 fn fill(tag: u8, len: u64) -> Vec<u8> {
@@ -112,13 +116,14 @@ fn steady_state_overwrites_write_no_metadata() {
     }
     s.flush().unwrap();
     assert_eq!(s.metadata_sequence(), before, "overwrites of unshared clusters wrote metadata");
-    // After a snapshot the first overwrite of a cluster copies it (one mapping), later ones do not.
+    // After a snapshot the first overwrite of a cluster copies it (one map entry plus its
+    // generation-index entry: two keys), later ones do not.
     s.create_snapshot("s").unwrap();
     let before = s.metadata_sequence();
     s.write(0, &fill(9, 4096), false).unwrap();
-    assert_eq!(s.metadata_sequence(), before + 1);
+    assert_eq!(s.metadata_sequence(), before + 2);
     s.write(4096, &fill(10, 4096), false).unwrap();
-    assert_eq!(s.metadata_sequence(), before + 1);
+    assert_eq!(s.metadata_sequence(), before + 2);
 }
 
 #[test]
@@ -156,7 +161,11 @@ fn reused_clusters_read_zeros_where_unwritten() {
 fn geometry_and_names_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let bad = |size, cluster_size| {
-        Store::create(&dir.path().join("x"), &CreateOptions { volume_id: "v".into(), size, cluster_size }).unwrap_err()
+        Store::create(
+            &dir.path().join("x"),
+            &CreateOptions { volume_id: "v".into(), size, cluster_size, data_device: None },
+        )
+        .unwrap_err()
     };
     assert!(matches!(bad(0, CS), StoreError::InvalidArgument(_)));
     assert!(matches!(bad(MIB + 1, CS), StoreError::InvalidArgument(_)));
@@ -164,7 +173,10 @@ fn geometry_and_names_are_checked() {
     assert!(matches!(bad(MIB, 8 << 20), StoreError::InvalidArgument(_)));
     let s = new_store(dir.path(), MIB);
     assert!(matches!(
-        Store::create(&dir.path().join("r"), &CreateOptions { volume_id: "v".into(), size: MIB, cluster_size: CS }),
+        Store::create(
+            &dir.path().join("r"),
+            &CreateOptions { volume_id: "v".into(), size: MIB, cluster_size: CS, data_device: None }
+        ),
         Err(StoreError::AlreadyExists(_))
     ));
     assert!(matches!(Store::open(&dir.path().join("nothing")), Err(StoreError::NotFound(_))));
@@ -176,6 +188,58 @@ fn geometry_and_names_are_checked() {
     assert!(matches!(s.resize(MIB - 4096), Err(StoreError::Shrink { .. })));
     // A clone refuses to overwrite an existing store.
     s.create_snapshot("s").unwrap();
-    assert!(matches!(s.clone_snapshot("s", &dir.path().join("r"), "v2", |_, _| {}), Err(StoreError::AlreadyExists(_))));
-    assert!(matches!(s.clone_snapshot("nope", &dir.path().join("c"), "v2", |_, _| {}), Err(StoreError::SnapshotNotFound(_))));
+    assert!(matches!(
+        s.clone_snapshot("s", &dir.path().join("r"), "v2", |_, _| {}),
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        s.clone_snapshot("nope", &dir.path().join("c"), "v2", |_, _| {}),
+        Err(StoreError::SnapshotNotFound(_))
+    ));
+}
+
+#[test]
+fn allocated_extents_page_through_a_fragmented_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    // Not a whole number of clusters: the last extent ends mid-cluster.
+    let size = 40 * CS + 8192;
+    let s = new_store(dir.path(), size);
+    for c in (0..41).step_by(2) {
+        s.write(c * CS, &fill(c as u8, 4096), false).unwrap();
+    }
+    s.write(CS + 4096, &fill(1, 4096), false).unwrap(); // merges clusters 0..2
+    let mut from = 0;
+    let mut got = Vec::new();
+    loop {
+        let page = s.allocated_extents(None, from, 3).unwrap();
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        from = (last.offset + last.len).next_multiple_of(CS);
+        got.extend(page);
+    }
+    let mut want = vec![barnacle_replica::store::Extent { offset: 0, len: 3 * CS }];
+    want.extend((4..40).step_by(2).map(|c| barnacle_replica::store::Extent { offset: c * CS, len: CS }));
+    want.push(barnacle_replica::store::Extent { offset: 40 * CS, len: 8192 });
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_snapshot_being_cloned_cannot_be_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = new_store(dir.path(), 4 * MIB);
+    s.write(0, &fill(1, 2 * MIB), false).unwrap();
+    s.create_snapshot("s").unwrap();
+    let mut during = Vec::new();
+    s.clone_snapshot("s", &dir.path().join("c"), "v2", |_, _| {
+        during.push(matches!(s.delete_snapshot("s"), Err(StoreError::SnapshotBusy(_))));
+        // IO and new snapshots go on while a clone runs.
+        s.write(2 * MIB, &fill(2, 4096), false).unwrap();
+    })
+    .unwrap();
+    assert!(!during.is_empty() && during.iter().all(|&busy| busy), "{during:?}");
+    s.delete_snapshot("s").unwrap();
+    let c = Store::open(&dir.path().join("c")).unwrap();
+    let mut buf = vec![0u8; 2 * MIB as usize];
+    c.read(0, &mut buf).unwrap();
+    assert_eq!(buf, fill(1, 2 * MIB));
 }

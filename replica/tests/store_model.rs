@@ -145,10 +145,8 @@ impl Harness {
                 let target = root.join(format!("clone-{}", self.next_clone));
                 self.next_clone += 1;
                 let mut last = (0, 0);
-                let report = self
-                    .store()
-                    .clone_snapshot(name, &target, "clone-vol", |d, t| last = (d, t))
-                    .unwrap();
+                let report =
+                    self.store().clone_snapshot(name, &target, "clone-vol", |d, t| last = (d, t)).unwrap();
                 assert_eq!(last.0, last.1);
                 assert_eq!(report.bytes, last.1);
                 let clone = Store::open(&target).unwrap();
@@ -191,7 +189,8 @@ fn run(ops: &[Op]) {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("replica");
     let size = INITIAL_BLOCKS * BLOCK_SIZE;
-    let opts = CreateOptions { volume_id: "model-vol".into(), size, cluster_size: CLUSTER };
+    let opts =
+        CreateOptions { volume_id: "model-vol".into(), size, cluster_size: CLUSTER, data_device: None };
     let store = Store::create(&dir, &opts).unwrap();
     let mut h = Harness {
         dir,

@@ -30,7 +30,13 @@ pub struct ReplicaProcess {
 impl ReplicaProcess {
     /// Starts a replica serving `dir`; `size` creates the store if absent. The token is read
     /// from `token_file`, never from argv.
-    pub fn start(dir: &Path, volume_id: &str, token_file: &Path, size: Option<&str>, log: &Path) -> ReplicaProcess {
+    pub fn start(
+        dir: &Path,
+        volume_id: &str,
+        token_file: &Path,
+        size: Option<&str>,
+        log: &Path,
+    ) -> ReplicaProcess {
         let ready = dir.with_extension("ready");
         let _ = std::fs::remove_file(&ready);
         let mut cmd = Command::new(binary("barnacle-replica"));
@@ -51,7 +57,10 @@ impl ReplicaProcess {
                 return ReplicaProcess { child, data, mgmt };
             }
             if let Some(status) = child.try_wait().unwrap() {
-                panic!("replica exited early with {status}; log: {}", std::fs::read_to_string(log).unwrap_or_default());
+                panic!(
+                    "replica exited early with {status}; log: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
             }
             assert!(Instant::now() < deadline, "replica did not become ready");
             std::thread::sleep(Duration::from_millis(20));
@@ -76,31 +85,56 @@ fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     out
 }
 
-/// A filesystem of `size_mib` MiB made with `mkfs` (e.g. "xfs", "ext4") on a loop device over a
-/// sparse file, mounted at `mountpoint`. Unmounted and detached on drop. Needs root.
+/// A loop device over a sparse file of `size_mib` MiB; detached on drop. Needs root.
+#[derive(Debug)]
+pub struct LoopDevice {
+    pub path: PathBuf,
+    backing: tempfile::TempDir,
+}
+
+impl LoopDevice {
+    pub fn new(size_mib: u64) -> LoopDevice {
+        let backing = tempfile::tempdir().unwrap();
+        let img = backing.path().join("disk.img");
+        std::fs::File::create(&img).unwrap().set_len(size_mib << 20).unwrap();
+        let path = String::from_utf8(run("losetup", &["--find", "--show", img.to_str().unwrap()]).stdout)
+            .unwrap()
+            .trim()
+            .into();
+        LoopDevice { path, backing }
+    }
+
+    /// A scratch directory that lives as long as the device.
+    pub fn scratch(&self) -> &Path {
+        self.backing.path()
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+/// A filesystem of `size_mib` MiB made with `mkfs` (e.g. "xfs", "ext4") on a [`LoopDevice`],
+/// mounted at `mountpoint`; unmounted on drop. Needs root.
 #[derive(Debug)]
 pub struct LoopFs {
     pub mountpoint: PathBuf,
-    device: String,
-    _backing: tempfile::TempDir,
+    device: LoopDevice,
 }
 
 impl LoopFs {
     pub fn new(fstype: &str, size_mib: u64) -> LoopFs {
-        let backing = tempfile::tempdir().unwrap();
-        let img = backing.path().join("disk.img");
-        std::fs::File::create(&img).unwrap().set_len(size_mib << 20).unwrap();
-        let device = String::from_utf8(run("losetup", &["--find", "--show", img.to_str().unwrap()]).stdout)
-            .unwrap()
-            .trim()
-            .to_owned();
+        let device = LoopDevice::new(size_mib);
+        let dev = device.path.to_str().unwrap().to_owned();
         let mkfs = format!("mkfs.{fstype}");
         let force = if fstype == "xfs" { "-f" } else { "-F" };
-        run(&mkfs, &["-q", force, &device]);
-        let mountpoint = backing.path().join("mnt");
+        run(&mkfs, &["-q", force, &dev]);
+        let mountpoint = device.scratch().join("mnt");
         std::fs::create_dir(&mountpoint).unwrap();
-        run("mount", &[&device, mountpoint.to_str().unwrap()]);
-        LoopFs { mountpoint, device, _backing: backing }
+        run("mount", &[&dev, mountpoint.to_str().unwrap()]);
+        LoopFs { mountpoint, device }
     }
 
     /// Bytes the filesystem reports in use (statvfs).
@@ -113,6 +147,6 @@ impl LoopFs {
 impl Drop for LoopFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mountpoint).status();
-        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+        let _ = &self.device;
     }
 }

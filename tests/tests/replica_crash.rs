@@ -154,7 +154,9 @@ async fn verify(client: &ReplicaClient, model: &mut Model) {
         let found = allowed.iter().copied().find(|&v| got == content(b, v));
         let Some(v) = found else {
             let was_flushed = got == content(b, flushed);
-            panic!("block {b}: not any acknowledged or in-flight version (acked {acked}, flushed {flushed}, matches flushed: {was_flushed})");
+            panic!(
+                "block {b}: not any acknowledged or in-flight version (acked {acked}, flushed {flushed}, matches flushed: {was_flushed})"
+            );
         };
         // Whatever landed is now the block's state.
         model.acked.insert(b, v);
@@ -178,7 +180,8 @@ async fn sigkill_at_random_points_loses_no_acknowledged_write() {
     let token = root.path().join("token");
     std::fs::write(&token, "crash-token\n").unwrap();
     let log = root.path().join("replica.log");
-    let seed: u64 = std::env::var("CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let seed: u64 =
+        std::env::var("CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("crash test seed {seed} (set CRASH_SEED to replay)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut model = Model::default();
@@ -199,12 +202,16 @@ async fn sigkill_at_random_points_loses_no_acknowledged_write() {
         let pid = proc.child.id();
         let killer = tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
+                .unwrap();
         });
         workload(client.clone(), &mut model, &mut rng).await;
         killer.await.unwrap();
         proc.kill();
     }
     let log = std::fs::read_to_string(&log).unwrap();
-    assert!(log.matches("opened replica store").count() >= KILLS as usize, "restarts did not reopen the store");
+    assert!(
+        log.matches("opened replica store").count() >= KILLS as usize,
+        "restarts did not reopen the store"
+    );
 }

@@ -22,6 +22,7 @@ pub(crate) const HEAD: &[u8] = b"H";
 pub(crate) const EPOCH: &[u8] = b"E";
 pub(crate) const SNAP_TAG: u8 = b's';
 pub(crate) const MAP_TAG: u8 = b'm';
+pub(crate) const GEN_TAG: u8 = b'g';
 
 /// Layout version written into [`Config`]; an unknown version is refused at open.
 pub(crate) const LAYOUT_VERSION: u32 = 1;
@@ -35,6 +36,9 @@ pub(crate) struct Config {
     pub store_id: Uuid,
     pub cluster_size: u64,
     pub created_unix: u64,
+    /// Raw partition holding the data; `None`: the `data` file in the store's directory.
+    #[serde(default)]
+    pub data_device: Option<std::path::PathBuf>,
 }
 
 /// The writable head: its size and the generation its writes are tagged with.
@@ -73,6 +77,34 @@ pub(crate) fn map_key(cluster: u64, generation: u64) -> [u8; 17] {
     k[1..9].copy_from_slice(&cluster.to_be_bytes());
     k[9..].copy_from_slice(&generation.to_be_bytes());
     k
+}
+
+pub(crate) fn gen_key(generation: u64, cluster: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = GEN_TAG;
+    k[1..9].copy_from_slice(&generation.to_be_bytes());
+    k[9..].copy_from_slice(&cluster.to_be_bytes());
+    k
+}
+
+/// Splits a generation-index key into (generation, cluster); `None` for any other key.
+pub(crate) fn parse_gen_key(k: &[u8]) -> Option<(u64, u64)> {
+    if k.len() != 17 || k[0] != GEN_TAG {
+        return None;
+    }
+    Some((u64::from_be_bytes(k[1..9].try_into().ok()?), u64::from_be_bytes(k[9..].try_into().ok()?)))
+}
+
+/// Adds map entry (cluster, generation) and its index entry to a batch.
+pub(crate) fn put_map(b: &mut rocksdb::WriteBatch, cluster: u64, generation: u64, m: Mapping) {
+    b.put(map_key(cluster, generation), m.encode());
+    b.put(gen_key(generation, cluster), []);
+}
+
+/// Removes map entry (cluster, generation) and its index entry in a batch.
+pub(crate) fn delete_map(b: &mut rocksdb::WriteBatch, cluster: u64, generation: u64) {
+    b.delete(map_key(cluster, generation));
+    b.delete(gen_key(generation, cluster));
 }
 
 /// Splits a map key into (cluster, generation); `None` for any other key.

@@ -22,7 +22,7 @@ mod alloc;
 mod keys;
 mod sys;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -51,10 +51,20 @@ pub const MAX_SNAPSHOTS: usize = 16_384;
 const STRIPES: usize = 1024;
 const DATA_FILE: &str = "data";
 const META_DIR: &str = "meta";
+/// The store's identity card (a copy of its config), written once the create is complete. Create
+/// and destroy read it instead of opening RocksDB, so neither depends on RocksDB being able to
+/// start (it cannot on a full disk).
+const IDENTITY_FILE: &str = "store.json";
+/// Free space a file-backed store leaves on its filesystem: RocksDB must never meet ENOSPC (the
+/// Debian build asserts on a failed log write), so data allocations stop short of a full disk.
+const MIN_RESERVE: u64 = 16 << 20;
+const MAX_RESERVE: u64 = 1 << 30;
 /// Set while a clone fills a new store; a store carrying it is refused at open.
 const CLONE_MARKER: &[u8] = b"P";
 /// Clusters the data file grows by at a time.
 const GROW_CLUSTERS: u64 = 64;
+/// Longest run a clone copies in one call (so free space is checked between runs).
+const MAX_CLONE_RUN: u64 = 256;
 
 /// What a new store looks like.
 #[derive(Debug, Clone)]
@@ -62,6 +72,9 @@ pub struct CreateOptions {
     pub volume_id: String,
     pub size: u64,
     pub cluster_size: u64,
+    /// Keep the data on this block device (a raw partition) instead of a file in the store's
+    /// directory; the directory then holds only the metadata.
+    pub data_device: Option<PathBuf>,
 }
 
 /// A snapshot as listed.
@@ -88,6 +101,8 @@ pub struct StoreStat {
     pub engine_id: Option<Uuid>,
     /// `None` while healthy; otherwise why the store refuses IO.
     pub failure: Option<String>,
+    /// The raw partition holding the data, if not a file.
+    pub data_device: Option<PathBuf>,
 }
 
 /// The result of a fence request.
@@ -139,7 +154,7 @@ impl State {
 #[derive(Debug)]
 struct AllocState {
     alloc: Allocator,
-    /// Clusters the data file currently has room for.
+    /// Clusters the data file currently has room for (fixed for a device).
     file_clusters: u64,
 }
 
@@ -199,10 +214,17 @@ pub struct Store {
     cluster_shift: u32,
     db: DB,
     data: File,
+    /// Data on a raw partition: it cannot grow, and freed clusters are not holes, so a new
+    /// cluster is written whole (zeros around the data) instead of relying on punched holes.
+    on_device: bool,
     gate: RwLock<State>,
     stripes: Box<[RwLock<()>]>,
     alloc: Mutex<AllocState>,
     data_sync: SyncGroup,
+    /// Snapshots (by generation) a clone is reading; they cannot be deleted meanwhile.
+    pins: Mutex<HashMap<u64, u32>>,
+    /// Clusters not available for data (a device's superblock).
+    reserved_clusters: u64,
     epoch: Mutex<EpochRecord>,
     failure: Mutex<Option<String>>,
     nosync: WriteOptions,
@@ -232,6 +254,8 @@ fn db_options(create: bool) -> rocksdb::Options {
     o.set_max_write_buffer_number(2);
     o.set_max_open_files(128);
     o.set_keep_log_file_num(2);
+    // Warnings and worse only: fewer writes to RocksDB's own log.
+    o.set_log_level(rocksdb::LogLevel::Warn);
     o.set_max_background_jobs(2);
     let mut bb = rocksdb::BlockBasedOptions::default();
     if let Ok(cache) = rocksdb::Cache::new_lru_cache(8 << 20) {
@@ -240,6 +264,11 @@ fn db_options(create: bool) -> rocksdb::Options {
     bb.set_bloom_filter(10.0, false);
     o.set_block_based_table_factory(&bb);
     o
+}
+
+/// The free space a file-backed store leaves on a filesystem of `fs_size` bytes.
+fn reserve_for(fs_size: u64) -> u64 {
+    (fs_size / 100).clamp(MIN_RESERVE, MAX_RESERVE)
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -271,6 +300,12 @@ impl Store {
     /// Creates a new, empty store in `dir` (created if missing) and opens it. A directory left
     /// behind by an interrupted create is wiped and reused; a complete store is `AlreadyExists`.
     pub fn create(dir: &Path, opts: &CreateOptions) -> Result<Store> {
+        Self::create_inner(dir, opts, false)
+    }
+
+    /// `create`; with `for_clone` the store is marked incomplete in the same batch that creates it,
+    /// so a crash before the clone finished can never leave a store that opens.
+    fn create_inner(dir: &Path, opts: &CreateOptions, for_clone: bool) -> Result<Store> {
         let cs = opts.cluster_size;
         if !cs.is_power_of_two() || !(BLOCK_SIZE..=(4 << 20)).contains(&cs) {
             return Err(StoreError::InvalidArgument(format!(
@@ -288,53 +323,94 @@ impl Store {
         }
         std::fs::create_dir_all(dir).map_err(StoreError::io("create store directory"))?;
         let meta = dir.join(META_DIR);
+        if dir.join(IDENTITY_FILE).exists() {
+            return Err(StoreError::AlreadyExists(dir.to_owned()));
+        }
         if meta.exists() {
-            // An open that fails (the store is in use, or damaged) must never lead to a wipe.
-            let complete = DB::open(&db_options(false), &meta)
-                .map_err(|_| StoreError::AlreadyExists(dir.to_owned()))?
-                .get(keys::CONFIG)?
-                .is_some();
-            if complete {
-                return Err(StoreError::AlreadyExists(dir.to_owned()));
-            }
             warn!(dir = %dir.display(), "removing an interrupted store create");
             Self::destroy(dir)?;
         }
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.join(DATA_FILE))
-            .map_err(StoreError::io("create data file"))?;
-        data.sync_all().map_err(StoreError::io("sync data file"))?;
-        drop(data);
+        if opts.data_device.is_none() {
+            let (free, reserve) = sys::free_space(dir).map_err(StoreError::io("statvfs"))?;
+            if free < reserve_for(reserve) {
+                return Err(StoreError::io("create store")(io::Error::from_raw_os_error(libc::ENOSPC)));
+            }
+        }
+        let store_id = Uuid::new_v4();
+        if let Some(dev) = &opts.data_device {
+            let (f, len) = sys::open_device(dev).map_err(StoreError::io("open data device"))?;
+            if len < 2 * cs {
+                return Err(StoreError::InvalidArgument(format!(
+                    "device {} holds {len} bytes, less than two clusters",
+                    dev.display()
+                )));
+            }
+            if let Some((other, _)) =
+                sys::read_superblock(&f).map_err(StoreError::io("read device superblock"))?
+            {
+                return Err(StoreError::InvalidArgument(format!(
+                    "device {} already holds store {other}; delete that store first",
+                    dev.display()
+                )));
+            }
+        } else {
+            let data = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.join(DATA_FILE))
+                .map_err(StoreError::io("create data file"))?;
+            data.sync_all().map_err(StoreError::io("sync data file"))?;
+        }
         let db = DB::open(&db_options(true), &meta)?;
         let config = Config {
             layout_version: keys::LAYOUT_VERSION,
             volume_id: opts.volume_id.clone(),
-            store_id: Uuid::new_v4(),
+            store_id,
             cluster_size: cs,
             created_unix: now_unix(),
+            data_device: opts.data_device.clone(),
         };
         let mut b = WriteBatch::default();
         b.put(keys::HEAD, to_json(&Head { size: opts.size, generation: 1 }));
         b.put(keys::EPOCH, to_json(&EpochRecord::default()));
+        if for_clone {
+            b.put(CLONE_MARKER, b"");
+        }
         // The config goes last in the same batch: its presence marks a complete create.
         b.put(keys::CONFIG, to_json(&config));
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
         db.write_opt(b, &sync)?;
         drop(db);
+        let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
+        let card = File::create(&tmp).and_then(|mut f| {
+            io::Write::write_all(&mut f, &to_json(&config))?;
+            f.sync_all()
+        });
+        card.and_then(|()| std::fs::rename(&tmp, dir.join(IDENTITY_FILE)))
+            .map_err(StoreError::io("write store identity"))?;
         sync_dir(dir).map_err(StoreError::io("sync store directory"))?;
+        if let Some(dev) = &opts.data_device {
+            // The device now names its store: opening it for another store, or this store on
+            // another device, is refused.
+            let (f, _) = sys::open_device(dev).map_err(StoreError::io("open data device"))?;
+            sys::write_superblock(&f, store_id, &opts.volume_id)
+                .map_err(StoreError::io("write device superblock"))?;
+        }
         info!(volume_id = %opts.volume_id, store_id = %config.store_id, dir = %dir.display(),
               size = opts.size, cluster_size = cs, "created replica store");
-        Self::open(dir)
+        Self::open_inner(dir, for_clone)
     }
 
     /// Opens an existing store, rebuilding the allocation bitmap from the map and punching every
     /// free cluster (so clusters allocated by writes that never got mapped read as zeros again).
     pub fn open(dir: &Path) -> Result<Store> {
+        Self::open_inner(dir, false)
+    }
+
+    fn open_inner(dir: &Path, filling_clone: bool) -> Result<Store> {
         let meta = dir.join(META_DIR);
         if !meta.exists() {
             return Err(StoreError::NotFound(dir.to_owned()));
@@ -348,7 +424,7 @@ impl Store {
         if config.layout_version != keys::LAYOUT_VERSION {
             return Err(corrupt(format!("unknown layout version {}", config.layout_version)));
         }
-        if db.get(CLONE_MARKER)?.is_some() {
+        if !filling_clone && db.get(CLONE_MARKER)?.is_some() {
             return Err(corrupt("an interrupted clone; delete the store and clone again".into()));
         }
         let head: Head = match db.get(keys::HEAD)? {
@@ -379,6 +455,11 @@ impl Store {
         it.status()?;
         let cs = config.cluster_size;
         let mut alloc = Allocator::new();
+        // On a device, cluster 0 holds the superblock.
+        let reserved_clusters = u64::from(config.data_device.is_some());
+        if reserved_clusters == 1 {
+            alloc.mark_used(0);
+        }
         it.seek([keys::MAP_TAG]);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             let Some((c, g)) = keys::parse_map_key(k) else { break };
@@ -398,25 +479,56 @@ impl Store {
         }
         it.status()?;
         drop(it);
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dir.join(DATA_FILE))
-            .map_err(StoreError::io("open data file"))?;
-        let len = data.metadata().map_err(StoreError::io("stat data file"))?.len();
-        let file_clusters = len.div_ceil(cs);
+        let (data, len) = match &config.data_device {
+            Some(dev) => {
+                let (f, len) = sys::open_device(dev).map_err(StoreError::io("open data device"))?;
+                match sys::read_superblock(&f).map_err(StoreError::io("read device superblock"))? {
+                    Some((id, _)) if id == config.store_id => {}
+                    Some((id, vol)) => {
+                        return Err(corrupt(format!(
+                            "device {} holds store {id} of volume {vol}, not this store {}",
+                            dev.display(),
+                            config.store_id
+                        )));
+                    }
+                    None => {
+                        return Err(corrupt(format!(
+                            "device {} carries no Barnacle superblock (wrong device, or an interrupted create)",
+                            dev.display()
+                        )));
+                    }
+                }
+                (f, len)
+            }
+            None => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(dir.join(DATA_FILE))
+                    .map_err(StoreError::io("open data file"))?;
+                let len = f.metadata().map_err(StoreError::io("stat data file"))?.len();
+                (f, len)
+            }
+        };
+        let on_device = config.data_device.is_some();
+        // A device's last partial cluster is never used.
+        let file_clusters = if on_device { len / cs } else { len.div_ceil(cs) };
         if alloc.high_water() > file_clusters {
             return Err(corrupt(format!(
                 "map points at cluster {} but the data file holds {file_clusters}",
                 alloc.high_water() - 1
             )));
         }
-        for (first, n) in alloc.free_runs() {
-            sys::punch_hole(&data, first * cs, n * cs).map_err(StoreError::io("punch free clusters"))?;
+        if !on_device {
+            // Free clusters must be holes; this also clears clusters a crash left written but
+            // never mapped. (On a device new clusters are written whole instead.)
+            for (first, n) in alloc.free_runs() {
+                sys::punch_hole(&data, first * cs, n * cs).map_err(StoreError::io("punch free clusters"))?;
+            }
+            let hw = alloc.high_water();
+            sys::punch_hole(&data, hw * cs, len.saturating_sub(hw * cs))
+                .map_err(StoreError::io("punch free clusters"))?;
         }
-        let hw = alloc.high_water();
-        sys::punch_hole(&data, hw * cs, len.saturating_sub(hw * cs))
-            .map_err(StoreError::io("punch free clusters"))?;
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
         let mut nosync = WriteOptions::default();
@@ -430,10 +542,13 @@ impl Store {
             config,
             db,
             data,
+            on_device,
             gate: RwLock::new(State { head, snaps, by_name }),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             alloc: Mutex::new(AllocState { alloc, file_clusters }),
             data_sync: SyncGroup::default(),
+            pins: Mutex::new(HashMap::new()),
+            reserved_clusters,
             epoch: Mutex::new(epoch),
             failure: Mutex::new(None),
             nosync,
@@ -441,9 +556,28 @@ impl Store {
         })
     }
 
-    /// Removes the store in `dir` (which must not be open). Missing pieces are not an error.
+    /// Removes the store in `dir` (which must not be open). Missing pieces are not an error. A
+    /// raw data partition is left as it is: a later store on it never reads what it did not write.
     pub fn destroy(dir: &Path) -> Result<()> {
         let meta = dir.join(META_DIR);
+        let config: Option<Config> =
+            std::fs::read(dir.join(IDENTITY_FILE)).ok().and_then(|v| serde_json::from_slice(&v).ok());
+        if let Some(Config { data_device: Some(dev), store_id, .. }) = &config {
+            // Release the device: clear its superblock, but only if it is this store's.
+            let (f, _) = sys::open_device(dev).map_err(StoreError::io("open data device"))?;
+            if sys::read_superblock(&f)
+                .map_err(StoreError::io("read device superblock"))?
+                .is_some_and(|(id, _)| id == *store_id)
+            {
+                sys::clear_superblock(&f).map_err(StoreError::io("clear device superblock"))?;
+            }
+        }
+        // The identity card goes first: a store without it is an interrupted create or destroy.
+        match std::fs::remove_file(dir.join(IDENTITY_FILE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("remove store identity")(e)),
+        }
         if meta.exists() {
             std::fs::remove_dir_all(&meta).map_err(StoreError::io("remove metadata"))?;
         }
@@ -574,8 +708,18 @@ impl Store {
     }
 
     fn allocate(&self) -> Result<u64> {
+        if !self.on_device {
+            let (free, size) = sys::free_space(&self.dir).map_err(StoreError::io("statvfs"))?;
+            if free < reserve_for(size) {
+                return Err(StoreError::io("allocate a cluster")(io::Error::from_raw_os_error(libc::ENOSPC)));
+            }
+        }
         let mut a = self.alloc.lock();
         let p = a.alloc.allocate();
+        if p >= a.file_clusters && self.on_device {
+            a.alloc.release(p);
+            return Err(StoreError::io("allocate a cluster")(io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
         if p >= a.file_clusters {
             let want = (p + 1).max(a.file_clusters + GROW_CLUSTERS);
             if let Err(e) = self.data.set_len(want << self.cluster_shift) {
@@ -595,6 +739,10 @@ impl Store {
         let cs = self.config.cluster_size;
         let mut a = self.alloc.lock();
         for p in clusters {
+            if self.on_device {
+                a.alloc.release(p);
+                continue;
+            }
             match sys::punch_hole(&self.data, p * cs, cs) {
                 Ok(()) => a.alloc.release(p),
                 // Left allocated: reopening punches and frees it.
@@ -618,22 +766,30 @@ impl Store {
         let p = self.allocate()?;
         let res = (|| {
             let cs = self.config.cluster_size;
-            let whole = self.covers_cluster(c, st.head.size);
+            // On a device the bytes past the volume's end in its last cluster are not zeros, so
+            // only a full cluster counts as whole there.
+            let whole = self.covers_cluster(c, st.head.size) && (!self.on_device || c.len == cs);
             let mut buf = Vec::new();
-            if let (Some((_, Mapping::Phys(old))), false) = (prev, whole) {
-                buf = vec![0u8; usize::try_from(cs).unwrap_or(usize::MAX)];
-                sys::read_full_at(&self.data, &mut buf, self.phys_offset(old, 0))
-                    .map_err(StoreError::io("read cluster for copy-on-write"))?;
+            let cluster_buf = || vec![0u8; usize::try_from(cs).unwrap_or(usize::MAX)];
+            match (prev, whole) {
+                (Some((_, Mapping::Phys(old))), false) => {
+                    buf = cluster_buf();
+                    sys::read_full_at(&self.data, &mut buf, self.phys_offset(old, 0))
+                        .map_err(StoreError::io("read cluster for copy-on-write"))?;
+                }
+                // A device's free cluster holds old bytes: write it whole, zeros around the data.
+                (_, false) if self.on_device => buf = cluster_buf(),
+                _ => {}
             }
             fill(&mut buf, &self.data, self.phys_offset(p, 0))?;
             self.sync_data()?;
             let mut b = WriteBatch::default();
-            b.put(keys::map_key(c.cluster, h), Mapping::Phys(p).encode());
+            keys::put_map(&mut b, c.cluster, h, Mapping::Phys(p));
             if let Some((g, Mapping::Zero)) = prev
                 && g < h
                 && st.exclusive(g)
             {
-                b.delete(keys::map_key(c.cluster, g));
+                keys::delete_map(&mut b, c.cluster, g);
             }
             self.db.write_opt(b, &self.nosync)?;
             Ok(())
@@ -759,13 +915,17 @@ impl Store {
                     let mut b = WriteBatch::default();
                     if self.has_older(c.cluster, g)? {
                         // Snapshots still see an older entry: mask it for the head.
-                        b.put(keys::map_key(c.cluster, g), Mapping::Zero.encode());
+                        keys::put_map(&mut b, c.cluster, g, Mapping::Zero);
                     } else {
-                        b.delete(keys::map_key(c.cluster, g));
+                        keys::delete_map(&mut b, c.cluster, g);
                     }
                     self.db.write_opt(b, &self.nosync)?;
                     self.alloc.lock().alloc.free_after_sync(p);
                     Ok(())
+                } else if self.on_device {
+                    let zeros = vec![0u8; usize::try_from(c.len).unwrap_or(usize::MAX)];
+                    sys::write_full_at(&self.data, &zeros, self.phys_offset(p, c.at))
+                        .map_err(StoreError::io("zero range"))
                 } else {
                     sys::punch_hole(&self.data, self.phys_offset(p, c.at), c.len)
                         .map_err(StoreError::io("punch hole"))
@@ -774,7 +934,7 @@ impl Store {
             Some((_, Mapping::Phys(_))) => {
                 if whole {
                     let mut b = WriteBatch::default();
-                    b.put(keys::map_key(c.cluster, h), Mapping::Zero.encode());
+                    keys::put_map(&mut b, c.cluster, h, Mapping::Zero);
                     self.db.write_opt(b, &self.nosync)?;
                     Ok(())
                 } else {
@@ -793,9 +953,9 @@ impl Store {
     pub fn flush(&self) -> Result<()> {
         self.check_ok()?;
         let pending = self.alloc.lock().alloc.take_pending();
-        let res = self.sync_data().and_then(|()| {
-            self.db.flush_wal(true).map_err(|e| self.fail(format!("metadata sync: {e}")))
-        });
+        let res = self
+            .sync_data()
+            .and_then(|()| self.db.flush_wal(true).map_err(|e| self.fail(format!("metadata sync: {e}"))));
         match res {
             Ok(()) => {
                 self.release(pending);
@@ -879,11 +1039,17 @@ impl Store {
         self.check_ok()?;
         let mut st = self.gate.write();
         let generation = st.snapshot(name)?.generation;
+        if self.pins.lock().contains_key(&generation) {
+            return Err(StoreError::SnapshotBusy(name.to_owned()));
+        }
         let mut readers: BTreeSet<u64> = st.snaps.keys().copied().filter(|g| *g != generation).collect();
         readers.insert(st.head.generation);
+        // Only entries written after the previous live snapshot can have been seen by this one
+        // alone: the scan is proportional to what the snapshot owns, not to the volume.
+        let previous = st.snaps.range(..generation).next_back().map_or(0, |(g, _)| *g);
         let mut b = WriteBatch::default();
         b.delete(keys::snap_key(generation));
-        let freed = self.collect_garbage(&readers, &mut b)?;
+        let freed = self.collect_garbage(&readers, previous + 1..=generation, &mut b)?;
         let mut pending = self.alloc.lock().alloc.take_pending();
         // Data first (rule 8), then the batch that unmaps, synced, before anything is reused.
         if let Err(e) = self.sync_data() {
@@ -905,45 +1071,62 @@ impl Store {
     }
 
     /// Adds to `b` the deletion of every map entry that no reader in `readers` sees, and of zero
-    /// entries that mask nothing; returns the physical clusters those entries held.
-    fn collect_garbage(&self, readers: &BTreeSet<u64>, b: &mut WriteBatch) -> Result<Vec<u64>> {
+    /// entries that mask nothing, for the clusters that have an entry in `generations`; returns
+    /// the physical clusters the deleted entries held.
+    fn collect_garbage(
+        &self,
+        readers: &BTreeSet<u64>,
+        generations: std::ops::RangeInclusive<u64>,
+        b: &mut WriteBatch,
+    ) -> Result<Vec<u64>> {
+        let corrupt = |c: u64, g: u64| StoreError::Corrupt {
+            path: self.dir.clone(),
+            detail: format!("map entry ({c}, {g}) unreadable"),
+        };
         let mut freed = Vec::new();
-        let mut group: Vec<(u64, u64, Mapping)> = Vec::new();
-        let mut flush_group = |group: &mut Vec<(u64, u64, Mapping)>, b: &mut WriteBatch| {
+        let mut done: HashSet<u64> = HashSet::new();
+        let mut index = self.db.raw_iterator();
+        let mut map = self.db.raw_iterator();
+        index.seek(keys::gen_key(*generations.start(), 0));
+        while let Some(k) = index.key() {
+            let Some((g, c)) = keys::parse_gen_key(k) else { break };
+            if g > *generations.end() {
+                break;
+            }
+            index.next();
+            if !done.insert(c) {
+                continue;
+            }
+            // The cluster's entries, oldest first.
+            let mut group: Vec<(u64, Mapping)> = Vec::new();
+            map.seek(keys::map_key(c, 0));
+            while let (Some(k), Some(v)) = (map.key(), map.value()) {
+                match keys::parse_map_key(k) {
+                    Some((mc, mg)) if mc == c => {
+                        group.push((mg, Mapping::decode(v).ok_or_else(|| corrupt(c, mg))?))
+                    }
+                    _ => break,
+                }
+                map.next();
+            }
+            map.status()?;
             let mut previous_is_zero = true; // "nothing before" reads as zeros too
             for i in 0..group.len() {
-                let (c, g, m) = group[i];
-                let upper = group.get(i + 1).map_or(u64::MAX, |e| e.1);
-                let seen = readers.range(g..upper).next().is_some();
-                if !seen {
-                    b.delete(keys::map_key(c, g));
+                let (g, m) = group[i];
+                let upper = group.get(i + 1).map_or(u64::MAX, |e| e.0);
+                if readers.range(g..upper).next().is_none() {
+                    keys::delete_map(b, c, g);
                     if let Mapping::Phys(p) = m {
                         freed.push(p);
                     }
                 } else if m == Mapping::Zero && previous_is_zero {
-                    b.delete(keys::map_key(c, g));
+                    keys::delete_map(b, c, g);
                 } else {
                     previous_is_zero = m == Mapping::Zero;
                 }
             }
-            group.clear();
-        };
-        let mut it = self.db.raw_iterator();
-        it.seek([keys::MAP_TAG]);
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let Some((c, g)) = keys::parse_map_key(k) else { break };
-            let m = Mapping::decode(v).ok_or_else(|| StoreError::Corrupt {
-                path: self.dir.clone(),
-                detail: format!("map entry ({c}, {g}) unreadable"),
-            })?;
-            if group.first().is_some_and(|e| e.0 != c) {
-                flush_group(&mut group, b);
-            }
-            group.push((c, g, m));
-            it.next();
         }
-        it.status()?;
-        flush_group(&mut group, b);
+        index.status()?;
         Ok(freed)
     }
 
@@ -1018,8 +1201,12 @@ impl Store {
 
     pub fn stat(&self) -> Result<StoreStat> {
         let st = self.gate.read();
-        let allocated = self.alloc.lock().alloc.used_count() << self.cluster_shift;
-        let disk = self.data.metadata().map_err(StoreError::io("stat data file"))?.blocks() * 512;
+        let allocated = (self.alloc.lock().alloc.used_count() - self.reserved_clusters) << self.cluster_shift;
+        let disk = if self.on_device {
+            allocated
+        } else {
+            self.data.metadata().map_err(StoreError::io("stat data file"))?.blocks() * 512
+        };
         let (epoch, engine_id) = self.epoch();
         Ok(StoreStat {
             volume_id: self.config.volume_id.clone(),
@@ -1032,22 +1219,31 @@ impl Store {
             epoch,
             engine_id,
             failure: self.failure.lock().clone(),
+            data_device: self.config.data_device.clone(),
         })
     }
 
     /// Calls `visit(cluster, physical)` for every allocated cluster a reader at `reader` sees,
     /// in logical order, streaming over the map (memory stays bounded).
-    fn visit_visible(&self, reader: u64, mut visit: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+    /// Starts at logical cluster `from`; stops early when `visit` returns false.
+    fn visit_visible(
+        &self,
+        reader: u64,
+        from: u64,
+        mut visit: impl FnMut(u64, u64) -> Result<bool>,
+    ) -> Result<()> {
         let mut it = self.db.raw_iterator();
-        it.seek([keys::MAP_TAG]);
+        it.seek(keys::map_key(from, 0));
         let mut best: Option<(u64, Mapping)> = None;
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             let Some((c, g)) = keys::parse_map_key(k) else { break };
             if let Some((bc, m)) = best
                 && bc != c
             {
-                if let Mapping::Phys(p) = m {
-                    visit(bc, p)?;
+                if let Mapping::Phys(p) = m
+                    && !visit(bc, p)?
+                {
+                    return Ok(());
                 }
                 best = None;
             }
@@ -1067,9 +1263,10 @@ impl Store {
         Ok(())
     }
 
-    /// Allocated extents of the head (`None`) or of a snapshot, merged into runs. Everything
-    /// outside them reads as zeros.
-    pub fn allocated_extents(&self, snapshot: Option<&str>) -> Result<Vec<Extent>> {
+    /// Allocated extents of the head (`None`) or of a snapshot, merged into runs, starting at
+    /// byte `from` (rounded down to its cluster), at most `max` of them: call again from the end
+    /// of the last one for more (memory stays bounded). Everything outside them reads as zeros.
+    pub fn allocated_extents(&self, snapshot: Option<&str>, from: u64, max: usize) -> Result<Vec<Extent>> {
         let st = self.gate.read();
         let (reader, size) = match snapshot {
             Some(name) => st.snapshot(name).map(|s| (s.generation, s.size))?,
@@ -1077,14 +1274,16 @@ impl Store {
         };
         let cs = self.config.cluster_size;
         let mut out: Vec<Extent> = Vec::new();
-        self.visit_visible(reader, |c, _| {
+        self.visit_visible(reader, from >> self.cluster_shift, |c, _| {
             let offset = c * cs;
             let len = cs.min(size.saturating_sub(offset));
+            let full = out.len() >= max;
             match out.last_mut() {
                 Some(last) if last.offset + last.len == offset => last.len += len,
+                _ if full => return Ok(false),
                 _ => out.push(Extent { offset, len }),
             }
-            Ok(())
+            Ok(true)
         })?;
         Ok(out)
     }
@@ -1098,21 +1297,72 @@ impl Store {
         name: &str,
         target: &Path,
         volume_id: &str,
-        mut progress: impl FnMut(u64, u64),
+        progress: impl FnMut(u64, u64),
     ) -> Result<CloneReport> {
         self.check_ok()?;
-        // Holding the gate keeps the snapshot, and so its clusters, alive throughout.
-        let st = self.gate.read();
-        let snap = st.snapshot(name)?.clone();
+        let snap = {
+            let st = self.gate.read();
+            let snap = st.snapshot(name)?.clone();
+            // The pin keeps the snapshot, and so its clusters, alive without holding the gate (which
+            // would stall snapshots and resizes, and through them IO, for the whole copy).
+            *self.pins.lock().entry(snap.generation).or_insert(0) += 1;
+            snap
+        };
+        let unpin = || {
+            let mut pins = self.pins.lock();
+            if let Some(n) = pins.get_mut(&snap.generation) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(&snap.generation);
+                }
+            }
+        };
+        let opts = CreateOptions {
+            volume_id: volume_id.to_owned(),
+            size: snap.size,
+            cluster_size: self.config.cluster_size,
+            data_device: None,
+        };
+        let dst = match Store::create_inner(target, &opts, true) {
+            Ok(d) => d,
+            Err(e) => {
+                unpin();
+                return Err(e);
+            }
+        };
+        let res = self.fill_clone(&snap, &dst, progress);
+        unpin();
+        drop(dst);
+        match res {
+            Ok(report) => {
+                info!(volume_id = %self.config.volume_id, snapshot = name, clone_volume_id = volume_id,
+                      clusters = report.clusters, mode = ?report.mode, "cloned snapshot");
+                debug!(target = %target.display(), "clone written");
+                Ok(report)
+            }
+            Err(e) => {
+                warn!(volume_id = %self.config.volume_id, snapshot = name, error = %e,
+                      "clone failed; removing the partial target");
+                if let Err(d) = Store::destroy(target) {
+                    warn!(volume_id = %self.config.volume_id, error = %d, "could not remove a failed clone");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn fill_clone(
+        &self,
+        snap: &SnapshotRecord,
+        dst: &Store,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<CloneReport> {
         let cs = self.config.cluster_size;
         let mut total = 0u64;
-        self.visit_visible(snap.generation, |_, _| {
+        self.visit_visible(snap.generation, 0, |_, _| {
             total += 1;
-            Ok(())
+            Ok(true)
         })?;
-        let opts = CreateOptions { volume_id: volume_id.to_owned(), size: snap.size, cluster_size: cs };
-        let dst = Store::create(target, &opts)?;
-        dst.db.put_opt(CLONE_MARKER, b"", &dst.sync)?;
         dst.data.set_len(total * cs).map_err(StoreError::io("size clone data file"))?;
         let mut all_reflink = true;
         let mut done = 0u64;
@@ -1122,22 +1372,33 @@ impl Store {
         let mut in_batch = 0u64;
         let mut copy_run = |run: (u64, u64, u64, u64), batch: &mut WriteBatch| -> Result<()> {
             let (c0, p0, t0, n) = run;
+            if !all_reflink {
+                // Copying: keep the target filesystem's reserve free.
+                let (free, size) = sys::free_space(&dst.dir).map_err(StoreError::io("statvfs"))?;
+                if free < n * cs + reserve_for(size) {
+                    return Err(StoreError::io("clone snapshot data")(io::Error::from_raw_os_error(
+                        libc::ENOSPC,
+                    )));
+                }
+            }
             let mode = sys::clone_or_copy(&self.data, p0 * cs, &dst.data, t0 * cs, n * cs, all_reflink)
                 .map_err(StoreError::io("clone snapshot data"))?;
             all_reflink &= mode == CopyMode::Reflink;
             for i in 0..n {
-                batch.put(keys::map_key(c0 + i, 1), Mapping::Phys(t0 + i).encode());
+                keys::put_map(batch, c0 + i, 1, Mapping::Phys(t0 + i));
             }
             done += n;
             progress(done * cs, total * cs);
             Ok(())
         };
         let mut next_target = 0u64;
-        self.visit_visible(snap.generation, |c, p| {
+        self.visit_visible(snap.generation, 0, |c, p| {
             let t = next_target;
             next_target += 1;
             run = match run {
-                Some((c0, p0, t0, n)) if c0 + n == c && p0 + n == p => Some((c0, p0, t0, n + 1)),
+                Some((c0, p0, t0, n)) if c0 + n == c && p0 + n == p && n < MAX_CLONE_RUN => {
+                    Some((c0, p0, t0, n + 1))
+                }
                 Some(r) => {
                     copy_run(r, &mut batch)?;
                     in_batch += r.3;
@@ -1151,18 +1412,18 @@ impl Store {
                 dst.db.write_opt(std::mem::take(&mut batch), &dst.nosync)?;
                 in_batch = 0;
             }
-            Ok(())
+            Ok(true)
         })?;
         if let Some(r) = run {
             copy_run(r, &mut batch)?;
+        }
+        if total == 0 {
+            progress(0, 0);
         }
         dst.sync_data()?;
         batch.delete(CLONE_MARKER);
         dst.db.write_opt(batch, &dst.sync)?;
         let mode = if all_reflink { CopyMode::Reflink } else { CopyMode::Copy };
-        info!(volume_id = %self.config.volume_id, snapshot = name, clone_volume_id = volume_id,
-              clusters = total, mode = ?mode, "cloned snapshot");
-        debug!(target = %target.display(), "clone written");
         Ok(CloneReport { clusters: total, bytes: total * cs, mode })
     }
 }

@@ -50,6 +50,65 @@ pub(crate) fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
+/// (bytes available to unprivileged users, total bytes) of the filesystem holding `path`.
+pub(crate) fn free_space(path: &std::path::Path) -> io::Result<(u64, u64)> {
+    let s = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
+    let unit = s.fragment_size();
+    Ok((s.blocks_available() * unit, s.blocks() * unit))
+}
+
+/// Opens a block device for the store's data: its file and size in bytes.
+pub(crate) fn open_device(path: &std::path::Path) -> io::Result<(File, u64)> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_EXCL on a block device: refused while it is mounted or held by another store.
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL).open(path)?;
+    if !f.metadata()?.file_type().is_block_device() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a block device", path.display()),
+        ));
+    }
+    let len = f.seek(SeekFrom::End(0))?;
+    Ok((f, len))
+}
+
+const SUPERBLOCK_MAGIC: &[u8; 8] = b"BRNCLDEV";
+const SUPERBLOCK_LEN: usize = 4096;
+
+/// Writes the superblock naming `store_id` and `volume_id` at the start of a data device.
+pub(crate) fn write_superblock(f: &File, store_id: uuid::Uuid, volume_id: &str) -> io::Result<()> {
+    let mut b = vec![0u8; SUPERBLOCK_LEN];
+    b[..8].copy_from_slice(SUPERBLOCK_MAGIC);
+    b[8..12].copy_from_slice(&1u32.to_be_bytes());
+    b[12..28].copy_from_slice(store_id.as_bytes());
+    let v = volume_id.as_bytes();
+    let n = v.len().min(SUPERBLOCK_LEN - 30);
+    #[allow(clippy::cast_possible_truncation)]
+    b[28..30].copy_from_slice(&(n as u16).to_be_bytes());
+    b[30..30 + n].copy_from_slice(&v[..n]);
+    write_full_at(f, &b, 0)?;
+    f.sync_data()
+}
+
+/// The (store id, volume id) a data device belongs to, or `None` when it carries no superblock.
+pub(crate) fn read_superblock(f: &File) -> io::Result<Option<(uuid::Uuid, String)>> {
+    let mut b = vec![0u8; SUPERBLOCK_LEN];
+    read_full_at(f, &mut b, 0)?;
+    if &b[..8] != SUPERBLOCK_MAGIC {
+        return Ok(None);
+    }
+    let id = uuid::Uuid::from_slice(&b[12..28]).map_err(io::Error::other)?;
+    let n = usize::from(u16::from_be_bytes([b[28], b[29]])).min(SUPERBLOCK_LEN - 30);
+    Ok(Some((id, String::from_utf8_lossy(&b[30..30 + n]).into_owned())))
+}
+
+pub(crate) fn clear_superblock(f: &File) -> io::Result<()> {
+    write_full_at(f, &vec![0u8; SUPERBLOCK_LEN], 0)?;
+    f.sync_data()
+}
+
 /// `struct file_clone_range` from linux/fs.h.
 #[repr(C)]
 #[derive(Debug)]
@@ -106,8 +165,15 @@ pub(crate) fn clone_or_copy(
         let mut so = off(src_off + done)?;
         let mut dof = off(dst_off + done)?;
         let chunk = usize::try_from(len - done).unwrap_or(usize::MAX).min(1 << 30);
-        let n = nix::fcntl::copy_file_range(src, Some(&mut so), dst, Some(&mut dof), chunk)
-            .map_err(io::Error::from)?;
+        let n = match nix::fcntl::copy_file_range(src, Some(&mut so), dst, Some(&mut dof), chunk) {
+            Ok(n) => n,
+            // Block devices (raw partitions) and some filesystems: copy through user space.
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::EXDEV | nix::errno::Errno::EOPNOTSUPP) => {
+                copy_through_buffer(src, src_off + done, dst, dst_off + done, len - done)?;
+                return Ok(CopyMode::Copy);
+            }
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             // Source shorter than the range: the rest of the target stays a hole (zeros).
             break;
@@ -115,4 +181,16 @@ pub(crate) fn clone_or_copy(
         done += n as u64;
     }
     Ok(CopyMode::Copy)
+}
+
+fn copy_through_buffer(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let n = usize::try_from(len - done).unwrap_or(usize::MAX).min(buf.len());
+        read_full_at(src, &mut buf[..n], src_off + done)?;
+        write_full_at(dst, &buf[..n], dst_off + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
