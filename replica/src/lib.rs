@@ -9,6 +9,7 @@
 pub mod client;
 pub mod error;
 pub mod mgmt;
+pub mod process;
 pub mod server;
 pub mod store;
 pub mod units;

@@ -9,7 +9,7 @@ use barnacle_replica::store::DEFAULT_CLUSTER_SIZE;
 use barnacle_replica::units::parse_size;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Serve one replica of one Barnacle volume.
 #[derive(Debug, Parser)]
@@ -51,30 +51,11 @@ struct Args {
     ready_file: Option<PathBuf>,
 }
 
-/// Marks this process as one that frees memory by doing IO, so reclaim does not deadlock on it
-/// (DESIGN rule 12).
-fn set_io_flusher() {
-    /// `PR_SET_IO_FLUSHER` from linux/prctl.h (Linux 5.6+); not exported by the libc crate.
-    const PR_SET_IO_FLUSHER: libc::c_int = 57;
-    // SAFETY: prctl with PR_SET_IO_FLUSHER takes plain integer arguments and touches no memory.
-    let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
-    if r != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "PR_SET_IO_FLUSHER not set");
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    barnacle_replica::process::init_tracing();
     let args = Args::parse();
-    set_io_flusher();
+    barnacle_replica::process::set_io_flusher();
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("reading token file {}", args.token_file.display()))?
         .trim()

@@ -150,3 +150,81 @@ impl Drop for LoopFs {
         let _ = &self.device;
     }
 }
+
+/// A running `barnacle-engine` serving NBD on loopback TCP (and optionally a unix socket).
+/// Killed with SIGKILL on drop.
+#[derive(Debug)]
+pub struct EngineProcess {
+    pub child: Child,
+    pub nbd: SocketAddr,
+}
+
+impl EngineProcess {
+    /// Starts an engine for `volume_id` over `replicas` (id, data address), its membership record
+    /// in `state_dir`.
+    pub fn start(
+        volume_id: &str,
+        token_file: &Path,
+        replicas: &[(String, SocketAddr)],
+        state_dir: &Path,
+        extra: &[&str],
+        log: &Path,
+    ) -> EngineProcess {
+        let ready = state_dir.join("engine.ready");
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = Command::new(binary("barnacle-engine"));
+        cmd.arg("--volume-id").arg(volume_id).arg("--token-file").arg(token_file);
+        cmd.arg("--state-dir").arg(state_dir).arg("--nbd-listen").arg("127.0.0.1:0");
+        cmd.arg("--ready-file").arg(&ready).args(extra);
+        for (id, addr) in replicas {
+            cmd.arg("--replica").arg(format!("{id}={addr}"));
+        }
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(body) = std::fs::read_to_string(&ready) {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let nbd = v["nbd"].as_str().unwrap().parse().unwrap();
+                return EngineProcess { child, nbd };
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "engine exited early with {status}; log: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "engine did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The export's NBD URI.
+    pub fn uri(&self, volume_id: &str) -> String {
+        format!("nbd://{}/{volume_id}", self.nbd)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the engine with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a command, returning its output; panics with stderr when it fails.
+pub fn run_ok(cmd: &str, args: &[&str]) -> std::process::Output {
+    run(cmd, args)
+}

@@ -1,0 +1,140 @@
+//! `barnacle-engine`: serves one volume as an NBD export, replicated synchronously to its replicas.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use barnacle_engine::authority::FileAuthority;
+use barnacle_engine::nbd::ExportConfig;
+use barnacle_engine::volume::{Volume, VolumeConfig};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use uuid::Uuid;
+
+/// Serve one Barnacle volume over NBD, replicated to its replicas.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The volume; replicas must belong to it, and it is the NBD export name.
+    #[arg(long)]
+    volume_id: String,
+    /// File holding the volume's token (never on the command line).
+    #[arg(long, env = "BARNACLE_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// A replica as ID=HOST:PORT; repeat for each. Used when the membership record does not exist
+    /// yet; afterwards the record is the authority.
+    #[arg(long = "replica", value_parser = parse_replica)]
+    replicas: Vec<(String, String)>,
+    /// Directory of the standalone membership authority (membership.json).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Serve NBD on this TCP address (development and tests).
+    #[arg(long)]
+    nbd_listen: Option<String>,
+    /// Serve NBD on this unix socket (created 0600).
+    #[arg(long)]
+    nbd_socket: Option<PathBuf>,
+    /// Writes need at least this many healthy replicas.
+    #[arg(long, default_value_t = 1)]
+    min_healthy_replicas: usize,
+    /// Eject a replica that does not answer within this.
+    #[arg(long, default_value_t = 5000)]
+    replica_timeout_ms: u64,
+    /// Heartbeat interval towards replicas.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// This engine's identity (default: a new one each start).
+    #[arg(long)]
+    engine_id: Option<Uuid>,
+    /// Write {"nbd": ADDR, "socket": PATH, "pid": N} here once serving.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+fn parse_replica(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((id, addr)) if !id.is_empty() && addr.parse::<std::net::SocketAddr>().is_ok() => {
+            Ok((id.to_owned(), addr.to_owned()))
+        }
+        _ => Err(format!("{s:?} is not ID=HOST:PORT (e.g. r0=127.0.0.1:7400)")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    barnacle_replica::process::init_tracing();
+    let args = Args::parse();
+    barnacle_replica::process::set_io_flusher();
+    anyhow::ensure!(
+        args.nbd_listen.is_some() || args.nbd_socket.is_some(),
+        "give --nbd-listen or --nbd-socket"
+    );
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading token file {}", args.token_file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(!token.is_empty(), "token file {} is empty", args.token_file.display());
+    let cfg = VolumeConfig {
+        volume_id: args.volume_id.clone(),
+        token,
+        engine_id: args.engine_id.unwrap_or_else(Uuid::new_v4),
+        replicas: args.replicas.clone(),
+        min_healthy: args.min_healthy_replicas,
+        replica_timeout: Duration::from_millis(args.replica_timeout_ms),
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+    };
+    let authority = Arc::new(FileAuthority::new(&args.state_dir)?);
+    let volume = Volume::start(cfg, authority).await.context("starting the volume")?;
+    let export = ExportConfig::new(&args.volume_id);
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut ready = serde_json::json!({ "pid": std::process::id() });
+    if let Some(addr) = &args.nbd_listen {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        ready["nbd"] = l.local_addr()?.to_string().into();
+        info!(volume_id = %args.volume_id, nbd = %l.local_addr()?, "NBD on TCP");
+        tasks.push(tokio::spawn(barnacle_engine::serve_tcp(
+            l,
+            volume.clone(),
+            export.clone(),
+            shutdown.clone(),
+        )));
+    }
+    if let Some(path) = &args.nbd_socket {
+        let _ = std::fs::remove_file(path);
+        let l =
+            tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        ready["socket"] = path.display().to_string().into();
+        info!(volume_id = %args.volume_id, socket = %path.display(), "NBD on a unix socket");
+        tasks.push(tokio::spawn(barnacle_engine::serve_unix(
+            l,
+            volume.clone(),
+            export.clone(),
+            shutdown.clone(),
+        )));
+    }
+    if let Some(path) = &args.ready_file {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, ready.to_string())?;
+        std::fs::rename(&tmp, path)?;
+    }
+    let deposed = volume.deposed();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let code = tokio::select! {
+        _ = tokio::signal::ctrl_c() => 0,
+        _ = term.recv() => 0,
+        () = deposed.cancelled() => 3,
+    };
+    shutdown.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    if code != 0 {
+        error!(volume_id = %args.volume_id, "deposed by a newer engine; exiting");
+        std::process::exit(code);
+    }
+    Ok(())
+}

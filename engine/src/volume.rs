@@ -1,0 +1,480 @@
+//! The replicated volume behind the NBD export.
+//!
+//! Writes, TRIMs, WRITE_ZEROES and FLUSHes go to every healthy member of the committed
+//! configuration and are acknowledged only when all of them acknowledged. A member that fails or
+//! times out is ejected first: the new membership (next epoch, member marked ejected) is committed
+//! by compare-and-set through the [`MembershipAuthority`] and fenced onto the remaining members, and
+//! only then does the IO complete (DESIGN rules 1 and 2). If the authority cannot be reached the IO
+//! fails; it never proceeds on a smaller set. Reads go to one healthy member, round robin, and move
+//! to another (ejecting the failed one) on error. Overlapping writes are serialised by a range lock
+//! (rule 4). A replica that answers "stale epoch" means a newer engine exists: this one is deposed,
+//! fails all IO and stops (rule 3).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use barnacle_replica::client::{ClientConfig, ClientError, ReplicaClient};
+use barnacle_replica::wire::Status;
+use bytes::Bytes;
+use futures::future::join_all;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use uuid::Uuid;
+
+use crate::authority::{AuthorityError, Membership, MembershipAuthority, ReplicaRecord, ReplicaState};
+use crate::nbd::{Backend, IoError};
+
+/// How the engine runs one volume.
+#[derive(Clone)]
+pub struct VolumeConfig {
+    pub volume_id: String,
+    pub token: String,
+    pub engine_id: Uuid,
+    /// The replica set to start with when the authority holds no record yet: (id, address).
+    pub replicas: Vec<(String, String)>,
+    /// Writes need at least this many healthy replicas; below it they fail (nothing is acked).
+    pub min_healthy: usize,
+    /// A replica that does not answer a request within this is ejected.
+    pub replica_timeout: Duration,
+    /// Keep-alive interval towards replicas; silence of 4 beats (at least 1 s) closes a connection.
+    pub heartbeat: Duration,
+}
+
+impl std::fmt::Debug for VolumeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeConfig")
+            .field("volume_id", &self.volume_id)
+            .field("engine_id", &self.engine_id)
+            .field("replicas", &self.replicas)
+            .field("min_healthy", &self.min_healthy)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(transparent)]
+    Authority(#[from] AuthorityError),
+    #[error("volume {volume_id}: {healthy} healthy replicas, {required} required")]
+    TooFewReplicas { volume_id: String, healthy: usize, required: usize },
+    #[error("volume {volume_id}: replicas disagree on the size: {sizes:?}")]
+    SizeMismatch { volume_id: String, sizes: Vec<u64> },
+    #[error("volume {volume_id}: deposed by a newer engine: {reason}")]
+    Deposed { volume_id: String, reason: String },
+}
+
+struct Member {
+    id: String,
+    client: ReplicaClient,
+}
+
+/// The committed configuration this engine serves, with a connection to each healthy member.
+struct View {
+    version: u64,
+    record: Membership,
+    members: Vec<Arc<Member>>,
+}
+
+/// Serialises overlapping ranges.
+#[derive(Default)]
+struct RangeLock {
+    held: Mutex<Vec<(u64, u64, u64)>>,
+    next: std::sync::atomic::AtomicU64,
+    released: Notify,
+}
+
+struct RangeGuard<'a> {
+    lock: &'a RangeLock,
+    id: u64,
+}
+
+impl RangeLock {
+    async fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        loop {
+            // Registered before the check, so a release in between is not missed.
+            let released = self.released.notified();
+            {
+                let mut held = self.held.lock();
+                if !held.iter().any(|&(s, e, _)| s < end && start < e) {
+                    let id = self.next.fetch_add(1, Ordering::Relaxed);
+                    held.push((start, end, id));
+                    return RangeGuard { lock: self, id };
+                }
+            }
+            released.await;
+        }
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        self.lock.held.lock().retain(|r| r.2 != self.id);
+        self.lock.released.notify_waiters();
+    }
+}
+
+/// One volume served by this engine.
+pub struct Volume {
+    cfg: VolumeConfig,
+    authority: Arc<dyn MembershipAuthority>,
+    view: RwLock<Arc<View>>,
+    /// Membership changes happen one at a time.
+    change: tokio::sync::Mutex<()>,
+    ranges: RangeLock,
+    size: u64,
+    next_read: AtomicUsize,
+    deposed: CancellationToken,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume").field("cfg", &self.cfg).field("size", &self.size).finish_non_exhaustive()
+    }
+}
+
+fn is_deposing(e: &ClientError) -> bool {
+    matches!(e.status(), Some(Status::StaleEpoch | Status::EpochConflict))
+}
+
+async fn blocking_authority<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AuthorityError> + Send + 'static,
+) -> Result<T, AuthorityError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| AuthorityError::Unavailable(e.to_string()))?
+}
+
+impl Volume {
+    fn client_config(&self, epoch: u64) -> ClientConfig {
+        ClientConfig {
+            volume_id: self.cfg.volume_id.clone(),
+            token: self.cfg.token.clone(),
+            engine_id: self.cfg.engine_id,
+            epoch,
+            request_timeout: self.cfg.replica_timeout,
+            heartbeat: self.cfg.heartbeat,
+        }
+    }
+
+    async fn connect(cfg: ClientConfig, r: &ReplicaRecord) -> Result<ReplicaClient, ClientError> {
+        let addr = r
+            .addr
+            .parse()
+            .map_err(|e| ClientError::Protocol(format!("replica {} address {:?}: {e}", r.id, r.addr)))?;
+        let epoch = cfg.epoch;
+        let engine = cfg.engine_id;
+        let client = ReplicaClient::connect(addr, cfg).await?;
+        client.fence(epoch, engine).await?;
+        Ok(client)
+    }
+
+    /// Takes the volume's next epoch through the authority, connects to and fences every healthy
+    /// replica, and ejects those that cannot be fenced. A replica that could not be fenced may still
+    /// serve an older engine until its lease runs out, so the engine then waits one lease before
+    /// serving (rule 3).
+    pub async fn start(
+        cfg: VolumeConfig,
+        authority: Arc<dyn MembershipAuthority>,
+    ) -> Result<Arc<Volume>, VolumeError> {
+        let a = authority.clone();
+        let current = blocking_authority(move || a.load()).await?;
+        let (mut record, expected) = match current {
+            Some(v) => (v.membership, Some(v.version)),
+            None => (
+                Membership {
+                    epoch: 0,
+                    engine_id: None,
+                    replicas: cfg
+                        .replicas
+                        .iter()
+                        .map(|(id, addr)| ReplicaRecord {
+                            id: id.clone(),
+                            addr: addr.clone(),
+                            state: ReplicaState::Healthy,
+                        })
+                        .collect(),
+                },
+                None,
+            ),
+        };
+        record.epoch += 1;
+        record.engine_id = Some(cfg.engine_id);
+        let (a, r) = (authority.clone(), record.clone());
+        let version = blocking_authority(move || a.compare_and_set(expected, &r)).await?;
+        info!(volume_id = %cfg.volume_id, epoch = record.epoch, engine = %cfg.engine_id, "took the volume's epoch");
+
+        let vol = Volume {
+            cfg,
+            authority,
+            view: RwLock::new(Arc::new(View { version, record: record.clone(), members: Vec::new() })),
+            change: tokio::sync::Mutex::new(()),
+            ranges: RangeLock::default(),
+            size: 0,
+            next_read: AtomicUsize::new(0),
+            deposed: CancellationToken::new(),
+        };
+        let attempts = join_all(record.healthy().map(|r| {
+            let c = vol.client_config(record.epoch);
+            async move { (r.id.clone(), Self::connect(c, r).await) }
+        }))
+        .await;
+        let mut members = Vec::new();
+        let mut unfenced = Vec::new();
+        for (id, res) in attempts {
+            match res {
+                Ok(client) => members.push(Arc::new(Member { id, client })),
+                Err(e) if is_deposing(&e) => {
+                    return Err(VolumeError::Deposed {
+                        volume_id: vol.cfg.volume_id.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => {
+                    warn!(volume_id = %vol.cfg.volume_id, replica = %id, error = %e, "replica not reachable at start");
+                    unfenced.push(id);
+                }
+            }
+        }
+        let mut sizes: Vec<u64> = members.iter().map(|m| m.client.hello().size).collect();
+        sizes.dedup();
+        if sizes.len() > 1 {
+            return Err(VolumeError::SizeMismatch { volume_id: vol.cfg.volume_id.clone(), sizes });
+        }
+        let size = sizes.first().copied().unwrap_or(0);
+        let vol = Arc::new(Volume { size, ..vol });
+        *vol.view.write() = Arc::new(View { version, record, members });
+        if !unfenced.is_empty() {
+            vol.eject(&unfenced).await.map_err(|e| match e {
+                IoError::Shutdown => VolumeError::Deposed {
+                    volume_id: vol.cfg.volume_id.clone(),
+                    reason: "during start".into(),
+                },
+                other => VolumeError::Authority(AuthorityError::Unavailable(other.to_string())),
+            })?;
+            let lease = vol.cfg.replica_timeout + vol.cfg.heartbeat * 4;
+            warn!(volume_id = %vol.cfg.volume_id, ?lease, "waiting out the lease of replicas that could not be fenced");
+            tokio::time::sleep(lease).await;
+        }
+        let healthy = vol.view.read().members.len();
+        if healthy < vol.cfg.min_healthy || healthy == 0 {
+            return Err(VolumeError::TooFewReplicas {
+                volume_id: vol.cfg.volume_id.clone(),
+                healthy,
+                required: vol.cfg.min_healthy.max(1),
+            });
+        }
+        info!(volume_id = %vol.cfg.volume_id, size, healthy, "volume serving");
+        Ok(vol)
+    }
+
+    pub fn volume_id(&self) -> &str {
+        &self.cfg.volume_id
+    }
+
+    /// Fires when a newer engine deposed this one.
+    pub fn deposed(&self) -> CancellationToken {
+        self.deposed.clone()
+    }
+
+    /// The committed membership this engine serves.
+    pub fn membership(&self) -> Membership {
+        self.view.read().record.clone()
+    }
+
+    fn depose(&self, reason: &str) -> IoError {
+        if !self.deposed.is_cancelled() {
+            error!(volume_id = %self.cfg.volume_id, reason, "deposed by a newer engine: failing all IO");
+            self.deposed.cancel();
+        }
+        IoError::Shutdown
+    }
+
+    /// Commits the ejection of `ids` (those still members) and fences the rest with the new epoch.
+    async fn eject(&self, ids: &[String]) -> Result<(), IoError> {
+        let _serial = self.change.lock().await;
+        let mut ids: Vec<String> = ids.to_vec();
+        loop {
+            let view = self.view.read().clone();
+            ids.retain(|id| view.members.iter().any(|m| &m.id == id));
+            if ids.is_empty() {
+                return Ok(());
+            }
+            let mut record = view.record.clone();
+            record.epoch += 1;
+            let epoch = record.epoch;
+            for r in &mut record.replicas {
+                if ids.contains(&r.id) {
+                    r.state = ReplicaState::Ejected { epoch };
+                }
+            }
+            let (a, r, expected) = (self.authority.clone(), record.clone(), view.version);
+            let version = match blocking_authority(move || a.compare_and_set(Some(expected), &r)).await {
+                Ok(v) => v,
+                Err(AuthorityError::Conflict { .. }) => {
+                    return Err(self.depose("membership changed by someone else"));
+                }
+                Err(e) => {
+                    warn!(volume_id = %self.cfg.volume_id, error = %e, "cannot commit an ejection: failing the IO");
+                    return Err(IoError::Io(e.to_string()));
+                }
+            };
+            let remaining: Vec<Arc<Member>> =
+                view.members.iter().filter(|m| !ids.contains(&m.id)).cloned().collect();
+            let fenced = join_all(remaining.iter().map(|m| m.client.fence(epoch, self.cfg.engine_id))).await;
+            let mut next = Vec::new();
+            for (m, r) in remaining.iter().zip(fenced) {
+                match r {
+                    Ok(()) => {}
+                    Err(e) if is_deposing(&e) => return Err(self.depose(&e.to_string())),
+                    Err(e) => {
+                        warn!(volume_id = %self.cfg.volume_id, replica = %m.id, error = %e, "fence failed");
+                        next.push(m.id.clone());
+                    }
+                }
+            }
+            info!(volume_id = %self.cfg.volume_id, ejected = ?ids, epoch, "ejected replicas");
+            *self.view.write() = Arc::new(View { version, record, members: remaining });
+            if next.is_empty() {
+                return Ok(());
+            }
+            ids = next;
+        }
+    }
+
+    /// Runs `op` on every healthy member; acknowledges only when all did, after committing the
+    /// ejection of those that failed.
+    async fn replicate<F, Fut>(&self, op: F) -> Result<(), IoError>
+    where
+        F: Fn(Arc<Member>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ClientError>>,
+    {
+        if self.deposed.is_cancelled() {
+            return Err(IoError::Shutdown);
+        }
+        let view = self.view.read().clone();
+        self.enough(view.members.len())?;
+        let results = join_all(view.members.iter().map(|m| op(m.clone()))).await;
+        let mut failed = Vec::new();
+        for (m, r) in view.members.iter().zip(results) {
+            match r {
+                Ok(()) => {}
+                Err(e) if is_deposing(&e) => return Err(self.depose(&e.to_string())),
+                Err(e) if matches!(e.status(), Some(Status::NoSpace)) => return Err(IoError::NoSpace),
+                Err(e) if matches!(e.status(), Some(Status::Invalid | Status::OutOfRange)) => {
+                    return Err(IoError::Invalid(e.to_string()));
+                }
+                Err(e) => {
+                    warn!(volume_id = %self.cfg.volume_id, replica = %m.id, error = %e, "replica failed a request");
+                    failed.push(m.id.clone());
+                }
+            }
+        }
+        if !failed.is_empty() {
+            self.eject(&failed).await?;
+            self.enough(self.view.read().members.len())?;
+        }
+        Ok(())
+    }
+
+    fn enough(&self, healthy: usize) -> Result<(), IoError> {
+        if healthy == 0 || healthy < self.cfg.min_healthy {
+            return Err(IoError::Io(format!(
+                "volume {}: {healthy} healthy replicas, {} required",
+                self.cfg.volume_id,
+                self.cfg.min_healthy.max(1)
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for Volume {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        loop {
+            if self.deposed.is_cancelled() {
+                return Err(IoError::Shutdown);
+            }
+            let view = self.view.read().clone();
+            self.enough(view.members.len())?;
+            let m = view.members[self.next_read.fetch_add(1, Ordering::Relaxed) % view.members.len()].clone();
+            match m.client.read(offset, len).await {
+                Ok(b) => return Ok(b),
+                Err(e) if is_deposing(&e) => return Err(self.depose(&e.to_string())),
+                Err(e) if matches!(e.status(), Some(Status::Invalid | Status::OutOfRange)) => {
+                    return Err(IoError::Invalid(e.to_string()));
+                }
+                Err(e) => {
+                    warn!(volume_id = %self.cfg.volume_id, replica = %m.id, error = %e, "read failed; trying another replica");
+                    self.eject(std::slice::from_ref(&m.id)).await?;
+                }
+            }
+        }
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        let _g = self.ranges.lock(offset, offset + data.len() as u64).await;
+        self.replicate(|m| {
+            let d = data.clone();
+            async move { m.client.write(offset, d, fua).await }
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), IoError> {
+        self.replicate(|m| async move { m.client.flush().await }).await
+    }
+
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), IoError> {
+        let _g = self.ranges.lock(offset, offset + u64::from(len)).await;
+        self.replicate(|m| async move { m.client.unmap(offset, len).await }).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        {
+            let _g = self.ranges.lock(offset, offset + u64::from(len)).await;
+            self.replicate(|m| async move { m.client.write_zeroes(offset, len).await }).await?;
+        }
+        if fua { self.flush().await } else { Ok(()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RangeLock;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overlapping_ranges_wait_disjoint_ones_do_not() {
+        let lock = Arc::new(RangeLock::default());
+        let inside = Arc::new(AtomicU32::new(0));
+        let max = Arc::new(AtomicU32::new(0));
+        let tasks: Vec<_> = (0..16u64)
+            .map(|i| {
+                let (lock, inside, max) = (lock.clone(), inside.clone(), max.clone());
+                tokio::spawn(async move {
+                    // All overlap at [4096, 8192).
+                    let _g = lock.lock(4096 - (i % 2) * 4096, 8192 + i * 4096).await;
+                    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    max.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(max.load(Ordering::SeqCst), 1, "overlapping ranges were held together");
+        let a = lock.lock(0, 4096).await;
+        let b = tokio::time::timeout(Duration::from_secs(1), lock.lock(4096, 8192)).await;
+        assert!(b.is_ok(), "disjoint ranges must not wait");
+        drop(a);
+    }
+}

@@ -1,0 +1,197 @@
+//! Faults under load with real processes: a replica killed or hung while fio writes and verifies
+//! through the engine, too few replicas left for `--min-healthy-replicas`, and a second engine
+//! taking the volume over (the first is deposed and stops).
+
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use barnacle_replica::client::{ClientConfig, ReplicaClient};
+use barnacle_tests::{EngineProcess, ReplicaProcess, run_ok};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use uuid::Uuid;
+
+const VOL: &str = "vol-faults";
+const TOKEN: &str = "faults-token";
+
+struct Setup {
+    root: tempfile::TempDir,
+    token: std::path::PathBuf,
+    log: std::path::PathBuf,
+    replicas: Vec<ReplicaProcess>,
+}
+
+fn setup(n: usize) -> Setup {
+    let root = tempfile::tempdir().unwrap();
+    let token = root.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let log = root.path().join("log");
+    let replicas = (0..n)
+        .map(|i| ReplicaProcess::start(&root.path().join(format!("r{i}")), VOL, &token, Some("128MiB"), &log))
+        .collect();
+    Setup { root, token, log, replicas }
+}
+
+impl Setup {
+    fn ids(&self) -> Vec<(String, SocketAddr)> {
+        self.replicas.iter().enumerate().map(|(i, r)| (format!("r{i}"), r.data)).collect()
+    }
+
+    fn engine(&self, state: &str, extra: &[&str]) -> EngineProcess {
+        EngineProcess::start(VOL, &self.token, &self.ids(), &self.root.path().join(state), extra, &self.log)
+    }
+
+    fn membership(&self, state: &str) -> serde_json::Value {
+        let body = std::fs::read_to_string(self.root.path().join(state).join("membership.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["membership"].clone()
+    }
+}
+
+fn pid(p: &std::process::Child) -> Pid {
+    Pid::from_raw(i32::try_from(p.id()).unwrap())
+}
+
+/// Starts fio writing 64 MiB at random with crc32c verification through `uri`.
+fn fio(uri: &str, out: &Path) -> std::process::Child {
+    Command::new("fio")
+        .args([
+            "--name=load",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=64m",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--randrepeat=0",
+            "--output-format=json",
+            &format!("--output={}", out.display()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn fio_ok(child: std::process::Child, out: &Path) {
+    let o = child.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap_or_default())
+        .unwrap_or_else(|_| panic!("fio failed: {}", String::from_utf8_lossy(&o.stderr)));
+    assert!(o.status.success(), "fio failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(report["jobs"][0]["error"].as_u64(), Some(0), "{report}");
+    assert!(
+        report["jobs"][0]["read"]["io_bytes"].as_u64().unwrap() >= 64 << 20,
+        "fio did not verify everything"
+    );
+}
+
+/// Reads `len` bytes of every listed replica directly, under a fresh epoch (the engine stopped).
+async fn replica_bytes(replicas: &[&ReplicaProcess], epoch: u64, len: u64) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for r in replicas {
+        let engine = Uuid::new_v4();
+        let cfg = ClientConfig {
+            volume_id: VOL.into(),
+            token: TOKEN.into(),
+            engine_id: engine,
+            epoch,
+            request_timeout: Duration::from_secs(30),
+            heartbeat: Duration::ZERO,
+        };
+        let c = ReplicaClient::connect(r.data, cfg).await.unwrap();
+        c.fence(epoch, engine).await.unwrap();
+        let mut all = Vec::new();
+        for off in (0..len).step_by(4 << 20) {
+            all.extend_from_slice(&c.read(off, 4 << 20).await.unwrap());
+        }
+        out.push(all);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_is_ejected_and_io_goes_on() {
+    let mut s = setup(3);
+    let mut engine = s.engine("engine", &["--replica-timeout-ms", "2000", "--heartbeat-ms", "250"]);
+    let out = s.root.path().join("fio.json");
+    let load = fio(&engine.uri(VOL), &out);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.replicas[1].kill();
+    fio_ok(load, &out);
+    let m = s.membership("engine");
+    assert_eq!(m["replicas"][1]["state"], "ejected", "{m}");
+    assert_eq!(m["replicas"][0]["state"], "healthy");
+    assert_eq!(m["replicas"][2]["state"], "healthy");
+    engine.stop();
+    let epoch = m["epoch"].as_u64().unwrap() + 1;
+    let bytes = replica_bytes(&[&s.replicas[0], &s.replicas[2]], epoch, 64 << 20).await;
+    assert!(bytes[0] == bytes[1], "the surviving replicas differ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_replica_is_ejected_after_the_timeout() {
+    let s = setup(3);
+    let _engine = s.engine("engine", &["--replica-timeout-ms", "1000", "--heartbeat-ms", "200"]);
+    let out = s.root.path().join("fio.json");
+    let load = fio(&_engine.uri(VOL), &out);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    kill(pid(&s.replicas[2].child), Signal::SIGSTOP).unwrap();
+    fio_ok(load, &out);
+    kill(pid(&s.replicas[2].child), Signal::SIGCONT).unwrap();
+    let m = s.membership("engine");
+    assert_eq!(m["replicas"][2]["state"], "ejected", "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_min_healthy_writes_fail_and_nothing_acknowledged_is_lost() {
+    let mut s = setup(3);
+    let mut engine = s.engine("engine", &["--min-healthy-replicas", "2", "--replica-timeout-ms", "1000"]);
+    let uri = engine.uri(VOL);
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x42 0 1M", "-c", "flush"]);
+    s.replicas[0].kill();
+    // One replica lost: two remain, enough.
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x43 1M 1M", "-c", "flush"]);
+    s.replicas[1].kill();
+    // One left, two required: writes fail.
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", &uri, "-c", "write -P 0x44 2M 64k", "-c", "flush"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        text.contains("error") || text.contains("failed") || !o.status.success(),
+        "write succeeded below min: {text}"
+    );
+    let m = s.membership("engine");
+    engine.stop();
+    let epoch = m["epoch"].as_u64().unwrap() + 1;
+    let left = replica_bytes(&[&s.replicas[2]], epoch, 4 << 20).await.remove(0);
+    assert!(left[..1 << 20].iter().all(|&b| b == 0x42), "acknowledged write lost");
+    assert!(left[1 << 20..2 << 20].iter().all(|&b| b == 0x43), "acknowledged write lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_engine_deposes_the_old_one() {
+    let s = setup(2);
+    let mut old = s.engine("engine", &[]);
+    run_ok("qemu-io", &["-f", "raw", &old.uri(VOL), "-c", "write -P 0x61 0 64k", "-c", "flush"]);
+    // A second engine on the same authority takes the next epoch and fences every replica.
+    let new = s.engine("engine", &[]);
+    // The old engine's next write is refused by the replicas: it deposes itself and exits 3.
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", &old.uri(VOL), "-c", "write -P 0x62 0 64k"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!text.contains("wrote 65536"), "the stale engine acknowledged a write: {text}");
+    let status = tokio::task::spawn_blocking(move || old.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(3), "deposed engine must exit 3");
+    run_ok("qemu-io", &["-f", "raw", &new.uri(VOL), "-c", "read -P 0x61 0 64k"]);
+}
