@@ -48,7 +48,7 @@ struct Args {
     /// This engine's identity (default: a new one each start).
     #[arg(long)]
     engine_id: Option<Uuid>,
-    /// Write {"nbd": ADDR, "socket": PATH, "pid": N} here once serving.
+    /// Write {"nbd": ADDR, "socket": PATH, "pid": N, "resynced_bytes": N} here once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
 }
@@ -90,7 +90,8 @@ async fn main() -> anyhow::Result<()> {
     let export = ExportConfig::new(&args.volume_id);
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
-    let mut ready = serde_json::json!({ "pid": std::process::id() });
+    let mut ready =
+        serde_json::json!({ "pid": std::process::id(), "resynced_bytes": volume.resynced_bytes() });
     if let Some(addr) = &args.nbd_listen {
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         ready["nbd"] = l.local_addr()?.to_string().into();

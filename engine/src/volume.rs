@@ -62,6 +62,8 @@ pub enum VolumeError {
     TooFewReplicas { volume_id: String, healthy: usize, required: usize },
     #[error("volume {volume_id}: replicas disagree on the size: {sizes:?}")]
     SizeMismatch { volume_id: String, sizes: Vec<u64> },
+    #[error("volume {volume_id}: resync failed: {reason}")]
+    Resync { volume_id: String, reason: String },
     #[error("volume {volume_id}: deposed by a newer engine: {reason}")]
     Deposed { volume_id: String, reason: String },
 }
@@ -127,6 +129,7 @@ pub struct Volume {
     size: u64,
     next_read: AtomicUsize,
     deposed: CancellationToken,
+    resynced: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Volume {
@@ -213,6 +216,7 @@ impl Volume {
             size: 0,
             next_read: AtomicUsize::new(0),
             deposed: CancellationToken::new(),
+            resynced: std::sync::atomic::AtomicU64::new(0),
         };
         let attempts = join_all(record.healthy().map(|r| {
             let c = vol.client_config(record.epoch);
@@ -264,6 +268,8 @@ impl Volume {
                 required: vol.cfg.min_healthy.max(1),
             });
         }
+        let copied = vol.resync().await?;
+        vol.resynced.store(copied, Ordering::Relaxed);
         info!(volume_id = %vol.cfg.volume_id, size, healthy, "volume serving");
         Ok(vol)
     }
@@ -342,12 +348,12 @@ impl Volume {
         }
     }
 
-    /// Runs `op` on every healthy member; acknowledges only when all did, after committing the
-    /// ejection of those that failed.
-    async fn replicate<F, Fut>(&self, op: F) -> Result<(), IoError>
+    /// Runs `op` on every healthy member; succeeds only when all did, after committing the
+    /// ejection of those that failed. Returns what each remaining member answered.
+    async fn replicate<T, F, Fut>(&self, op: F) -> Result<Vec<(Arc<Member>, T)>, IoError>
     where
         F: Fn(Arc<Member>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), ClientError>>,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
         if self.deposed.is_cancelled() {
             return Err(IoError::Shutdown);
@@ -356,9 +362,10 @@ impl Volume {
         self.enough(view.members.len())?;
         let results = join_all(view.members.iter().map(|m| op(m.clone()))).await;
         let mut failed = Vec::new();
+        let mut answers = Vec::with_capacity(results.len());
         for (m, r) in view.members.iter().zip(results) {
             match r {
-                Ok(()) => {}
+                Ok(v) => answers.push((m.clone(), v)),
                 Err(e) if is_deposing(&e) => return Err(self.depose(&e.to_string())),
                 Err(e) if matches!(e.status(), Some(Status::NoSpace)) => return Err(IoError::NoSpace),
                 Err(e) if matches!(e.status(), Some(Status::Invalid | Status::OutOfRange)) => {
@@ -374,7 +381,77 @@ impl Volume {
             self.eject(&failed).await?;
             self.enough(self.view.read().members.len())?;
         }
+        Ok(answers)
+    }
+
+    /// Flushes every member; once all completed, lets each clear the write-intent marks that flush
+    /// covered (in the background: clearing is lazy and a lost clear only costs a resync).
+    async fn flush_all(&self) -> Result<(), IoError> {
+        let points = self.replicate(|m| async move { m.client.flush().await }).await?;
+        let volume_id = self.cfg.volume_id.clone();
+        tokio::spawn(async move {
+            for (m, point) in points {
+                if let Err(e) = m.client.clear_intent(point).await {
+                    warn!(volume_id = %volume_id, replica = %m.id, error = %e, "clearing intent marks failed");
+                }
+            }
+        });
         Ok(())
+    }
+
+    /// After an unclean stop, makes the regions any member marked dirty identical on all members,
+    /// copying from one in-sync member (rule 6), before any IO is served. Returns the bytes copied.
+    async fn resync(&self) -> Result<u64, VolumeError> {
+        let view = self.view.read().clone();
+        let lists = join_all(view.members.iter().map(|m| m.client.list_intent())).await;
+        let mut region_size = 0;
+        let mut dirty = std::collections::BTreeSet::new();
+        for (m, l) in view.members.iter().zip(lists) {
+            let (size, regions) = l.map_err(|e| self.resync_error(&m.id, &e))?;
+            region_size = size;
+            dirty.extend(regions);
+        }
+        if dirty.is_empty() || view.members.len() < 2 {
+            return Ok(0);
+        }
+        let source = &view.members[0];
+        info!(volume_id = %self.cfg.volume_id, regions = dirty.len(), source = %source.id,
+              "resyncing regions marked dirty before the last stop");
+        let mut copied = 0u64;
+        for r in dirty {
+            let offset = r * region_size;
+            if offset >= self.size {
+                continue;
+            }
+            let len = u32::try_from(region_size.min(self.size - offset)).unwrap_or(u32::MAX);
+            let data =
+                source.client.read(offset, len).await.map_err(|e| self.resync_error(&source.id, &e))?;
+            for m in &view.members[1..] {
+                m.client
+                    .write(offset, data.clone(), false)
+                    .await
+                    .map_err(|e| self.resync_error(&m.id, &e))?;
+            }
+            copied += u64::from(len);
+        }
+        self.flush_all().await.map_err(|e| VolumeError::Resync {
+            volume_id: self.cfg.volume_id.clone(),
+            reason: e.to_string(),
+        })?;
+        info!(volume_id = %self.cfg.volume_id, bytes = copied, "resync done");
+        Ok(copied)
+    }
+
+    fn resync_error(&self, replica: &str, e: &ClientError) -> VolumeError {
+        VolumeError::Resync {
+            volume_id: self.cfg.volume_id.clone(),
+            reason: format!("replica {replica}: {e}"),
+        }
+    }
+
+    /// Bytes copied by the resync at start.
+    pub fn resynced_bytes(&self) -> u64 {
+        self.resynced.load(Ordering::Relaxed)
     }
 
     fn enough(&self, healthy: usize) -> Result<(), IoError> {
@@ -423,15 +500,16 @@ impl Backend for Volume {
             async move { m.client.write(offset, d, fua).await }
         })
         .await
+        .map(drop)
     }
 
     async fn flush(&self) -> Result<(), IoError> {
-        self.replicate(|m| async move { m.client.flush().await }).await
+        self.flush_all().await
     }
 
     async fn trim(&self, offset: u64, len: u32) -> Result<(), IoError> {
         let _g = self.ranges.lock(offset, offset + u64::from(len)).await;
-        self.replicate(|m| async move { m.client.unmap(offset, len).await }).await
+        self.replicate(|m| async move { m.client.unmap(offset, len).await }).await.map(drop)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {

@@ -315,8 +315,28 @@ impl ReplicaClient {
         self.call(Op::Write { offset, data, fua }).await.map(drop)
     }
 
-    pub async fn flush(&self) -> Result<(), ClientError> {
-        self.call(Op::Flush).await.map(drop)
+    /// Flushes; returns the flush point to pass to [`ReplicaClient::clear_intent`] once the flush
+    /// completed on every member.
+    pub async fn flush(&self) -> Result<u64, ClientError> {
+        let r = self.call(Op::Flush).await?;
+        u64_payload(&r)
+    }
+
+    /// Clears the write-intent marks a completed flush covered; returns how many were cleared.
+    pub async fn clear_intent(&self, point: u64) -> Result<u64, ClientError> {
+        let r = self.call(Op::ClearIntent { point }).await?;
+        u64_payload(&r)
+    }
+
+    /// The write-intent marks: (region size in bytes, dirty region indexes).
+    pub async fn list_intent(&self) -> Result<(u64, Vec<u64>), ClientError> {
+        let r = self.call(Op::ListIntent).await?;
+        if r.payload.len() < 8 || r.payload.len() % 8 != 0 {
+            return Err(ClientError::Protocol("malformed intent list".into()));
+        }
+        let mut words = r.payload.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])));
+        let size = words.next().unwrap_or(0);
+        Ok((size, words.collect()))
     }
 
     pub async fn unmap(&self, offset: u64, len: u32) -> Result<(), ClientError> {
@@ -399,6 +419,12 @@ impl ReplicaClient {
         });
         Ok(orx)
     }
+}
+
+fn u64_payload(r: &Reply) -> Result<u64, ClientError> {
+    let b: [u8; 8] =
+        r.payload[..].try_into().map_err(|_| ClientError::Protocol("expected 8 bytes".into()))?;
+    Ok(u64::from_be_bytes(b))
 }
 
 fn wire_err(e: wire::WireError) -> ClientError {

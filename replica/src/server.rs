@@ -542,6 +542,7 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
                     snapshots: s.snapshots,
                     epoch: s.epoch,
                     engine_id: s.engine_id,
+                    dirty_regions: s.dirty_regions,
                     healthy: s.failure.is_none(),
                     failure: s.failure,
                 })
@@ -603,7 +604,24 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
         Op::Write { offset, data, fua } => {
             blocking(move || store.write(offset, &data, fua).map(|()| Bytes::new())).await
         }
-        Op::Flush => blocking(move || store.flush().map(|()| Bytes::new())).await,
+        Op::Flush => {
+            blocking(move || store.flush().map(|point| Bytes::copy_from_slice(&point.to_be_bytes()))).await
+        }
+        Op::ClearIntent { point } => {
+            blocking(move || store.clear_intent(point).map(|n| Bytes::copy_from_slice(&n.to_be_bytes())))
+                .await
+        }
+        Op::ListIntent => {
+            blocking(move || {
+                let mut b = BytesMut::new();
+                b.put_u64(crate::store::INTENT_REGION);
+                for r in store.dirty_regions() {
+                    b.put_u64(r);
+                }
+                Ok(b.freeze())
+            })
+            .await
+        }
         Op::Unmap { offset, len } => {
             blocking(move || store.unmap(offset, u64::from(len)).map(|()| Bytes::new())).await
         }

@@ -46,6 +46,8 @@ pub mod opcode {
     pub const STAT: u8 = 0x23;
     pub const FENCE: u8 = 0x24;
     pub const RESIZE: u8 = 0x25;
+    pub const CLEAR_INTENT: u8 = 0x26;
+    pub const LIST_INTENT: u8 = 0x27;
     pub const READ_ALLOCATED: u8 = 0x30;
 }
 
@@ -139,6 +141,8 @@ pub struct StatReply {
     pub snapshots: u32,
     pub epoch: u64,
     pub engine_id: Option<Uuid>,
+    #[serde(default)]
+    pub dirty_regions: u64,
     pub healthy: bool,
     pub failure: Option<String>,
 }
@@ -201,6 +205,12 @@ pub enum Op {
     Resize {
         size: u64,
     },
+    /// Clears the write-intent marks a completed flush covered (its reply gave `point`).
+    ClearIntent {
+        point: u64,
+    },
+    /// Lists the write-intent marks: reply `u64 region size ++ u64 region...`.
+    ListIntent,
     /// Streams the allocated data of the head (no name) or a snapshot from `offset` on, for at most
     /// `len` bytes (0: to the end).
     ReadAllocated {
@@ -338,6 +348,8 @@ fn decode_op(code: u8, flags: u8, offset: u64, length: u32, mut body: BytesMut) 
             Ok(Op::Fence { epoch: offset, engine_id })
         }
         RESIZE => no_payload(&body, Op::Resize { size: offset }),
+        CLEAR_INTENT => no_payload(&body, Op::ClearIntent { point: offset }),
+        LIST_INTENT => no_payload(&body, Op::ListIntent),
         READ_ALLOCATED => {
             let snapshot = if body.is_empty() { None } else { Some(name_payload(&mut body)?) };
             Ok(Op::ReadAllocated { snapshot, offset, len: u64::from(length) << 12 })
@@ -466,6 +478,8 @@ impl Encoder<Request> for ClientCodec {
                 payload.put_slice(engine_id.as_bytes());
             }
             Op::Resize { size } => (code, flags, offset, length) = (RESIZE, 0, size, 0),
+            Op::ClearIntent { point } => (code, flags, offset, length) = (CLEAR_INTENT, 0, point, 0),
+            Op::ListIntent => (code, flags, offset, length) = (LIST_INTENT, 0, 0, 0),
             Op::ReadAllocated { snapshot, offset: o, len } => {
                 (code, flags, offset, length) =
                     (READ_ALLOCATED, 0, o, u32::try_from(len >> 12).unwrap_or(u32::MAX));
@@ -532,6 +546,8 @@ mod tests {
             Op::Stat,
             Op::Fence { epoch: 9, engine_id: Uuid::new_v4() },
             Op::Resize { size: 1 << 30 },
+            Op::ClearIntent { point: 77 },
+            Op::ListIntent,
             Op::ReadAllocated { snapshot: Some("s1".into()), offset: 0, len: 0 },
             Op::ReadAllocated { snapshot: None, offset: 4096, len: 1 << 20 },
         ];

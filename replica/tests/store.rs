@@ -243,3 +243,45 @@ fn a_snapshot_being_cloned_cannot_be_deleted() {
     c.read(0, &mut buf).unwrap();
     assert_eq!(buf, fill(1, 2 * MIB));
 }
+
+#[test]
+fn intent_marks_cover_unflushed_writes_and_clear_only_what_a_flush_covered() {
+    use barnacle_replica::store::INTENT_REGION;
+    let dir = tempfile::tempdir().unwrap();
+    let s = new_store(dir.path(), 16 * MIB);
+    assert!(s.dirty_regions().is_empty());
+    s.write(0, &fill(1, 4096), false).unwrap();
+    s.write(3 * INTENT_REGION - 4096, &fill(2, 8192), false).unwrap(); // straddles regions 2 and 3
+    s.unmap(5 * INTENT_REGION, 4096).unwrap();
+    assert_eq!(s.dirty_regions(), vec![0, 2, 3, 5]);
+    let point = s.flush().unwrap();
+    // Written after the flush started: not covered, stays dirty.
+    s.write(2 * INTENT_REGION, &fill(3, 4096), false).unwrap();
+    assert_eq!(s.clear_intent(point).unwrap(), 3);
+    assert_eq!(s.dirty_regions(), vec![2]);
+    // Marks are durable: a crash (here a reopen) finds them.
+    drop(s);
+    let s = Store::open(&dir.path().join("r")).unwrap();
+    assert_eq!(s.dirty_regions(), vec![2]);
+    assert_eq!(s.stat().unwrap().dirty_regions, 1);
+    let point = s.flush().unwrap();
+    s.clear_intent(point).unwrap();
+    assert!(s.dirty_regions().is_empty());
+    drop(s);
+    assert!(Store::open(&dir.path().join("r")).unwrap().dirty_regions().is_empty());
+}
+
+#[test]
+fn marking_a_clean_region_is_one_synced_batch_and_dirty_ones_cost_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = new_store(dir.path(), 16 * MIB);
+    s.write(0, &fill(1, MIB), false).unwrap();
+    let before = s.metadata_sequence();
+    for i in 0..100u64 {
+        s.write((i % 256) * 4096, &fill(i as u8, 4096), false).unwrap();
+    }
+    assert_eq!(s.metadata_sequence(), before, "writes to a dirty region wrote metadata");
+    s.write(8 * MIB, &fill(5, 4096), false).unwrap();
+    // One mark for the new region, plus the new cluster's map entry and index entry.
+    assert_eq!(s.metadata_sequence(), before + 3);
+}

@@ -104,6 +104,11 @@ impl Harness {
                 let (off, len) = clamp(size, block, blocks);
                 let data = pattern(seed, off, len as usize);
                 self.store().write(off, &data, seed % 5 == 0).unwrap();
+                let region = barnacle_replica::store::INTENT_REGION;
+                assert!(
+                    self.store().dirty_regions().contains(&(off / region)),
+                    "write left its region clean"
+                );
                 self.head[off as usize..(off + len) as usize].copy_from_slice(&data);
                 self.check_range(off, len);
             }
@@ -171,7 +176,12 @@ impl Harness {
                 self.head.resize(new as usize, 0);
                 self.check_range(size, new - size);
             }
-            Op::Flush => self.store().flush().unwrap(),
+            Op::Flush => {
+                // With nothing in flight, a flush covers every mark: clearing leaves none.
+                let point = self.store().flush().unwrap();
+                self.store().clear_intent(point).unwrap();
+                assert!(self.store().dirty_regions().is_empty());
+            }
             Op::Reopen => {
                 self.store = None;
                 self.store = Some(Store::open(&self.dir).unwrap());

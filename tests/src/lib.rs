@@ -157,6 +157,8 @@ impl Drop for LoopFs {
 pub struct EngineProcess {
     pub child: Child,
     pub nbd: SocketAddr,
+    /// Bytes the engine resynced at start (regions marked dirty by the previous incarnation).
+    pub resynced_bytes: u64,
 }
 
 impl EngineProcess {
@@ -187,7 +189,8 @@ impl EngineProcess {
             if let Ok(body) = std::fs::read_to_string(&ready) {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap();
                 let nbd = v["nbd"].as_str().unwrap().parse().unwrap();
-                return EngineProcess { child, nbd };
+                let resynced_bytes = v["resynced_bytes"].as_u64().unwrap();
+                return EngineProcess { child, nbd, resynced_bytes };
             }
             if let Some(status) = child.try_wait().unwrap() {
                 panic!(

@@ -23,6 +23,7 @@ pub(crate) const EPOCH: &[u8] = b"E";
 pub(crate) const SNAP_TAG: u8 = b's';
 pub(crate) const MAP_TAG: u8 = b'm';
 pub(crate) const GEN_TAG: u8 = b'g';
+pub(crate) const INTENT_TAG: u8 = b'd';
 
 /// Layout version written into [`Config`]; an unknown version is refused at open.
 pub(crate) const LAYOUT_VERSION: u32 = 1;

@@ -19,6 +19,7 @@
 //! runtime threads.
 
 mod alloc;
+mod intent;
 mod keys;
 mod sys;
 
@@ -35,6 +36,8 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use self::alloc::Allocator;
+pub use self::intent::INTENT_REGION;
+use self::intent::Intent;
 use self::keys::{Config, EpochRecord, Head, Mapping, SnapshotRecord};
 pub use self::sys::CopyMode;
 use crate::error::{Result, StoreError};
@@ -99,6 +102,8 @@ pub struct StoreStat {
     pub snapshots: u32,
     pub epoch: u64,
     pub engine_id: Option<Uuid>,
+    /// Regions ([`INTENT_REGION`] bytes each) marked as possibly differing from other replicas.
+    pub dirty_regions: u64,
     /// `None` while healthy; otherwise why the store refuses IO.
     pub failure: Option<String>,
     /// The raw partition holding the data, if not a file.
@@ -226,6 +231,7 @@ pub struct Store {
     /// Clusters not available for data (a device's superblock).
     reserved_clusters: u64,
     epoch: Mutex<EpochRecord>,
+    intent: Intent,
     failure: Mutex<Option<String>>,
     nosync: WriteOptions,
     sync: WriteOptions,
@@ -478,6 +484,16 @@ impl Store {
             it.next();
         }
         it.status()?;
+        let mut marked = Vec::new();
+        it.seek([keys::INTENT_TAG]);
+        while let Some(k) = it.key() {
+            if k.len() != 9 || k[0] != keys::INTENT_TAG {
+                break;
+            }
+            marked.push(u64::from_be_bytes(k[1..].try_into().map_err(|_| corrupt("intent mark".into()))?));
+            it.next();
+        }
+        it.status()?;
         drop(it);
         let (data, len) = match &config.data_device {
             Some(dev) => {
@@ -550,6 +566,7 @@ impl Store {
             pins: Mutex::new(HashMap::new()),
             reserved_clusters,
             epoch: Mutex::new(epoch),
+            intent: Intent::load(marked),
             failure: Mutex::new(None),
             nosync,
             sync,
@@ -841,11 +858,15 @@ impl Store {
         self.check_ok()?;
         {
             let st = self.gate.read();
-            self.check_range(offset, data.len() as u64, st.head.size)?;
-            for c in self.chunks(offset, data.len() as u64) {
+            let len = data.len() as u64;
+            self.check_range(offset, len, st.head.size)?;
+            self.intent.begin(&self.db, &self.sync, offset, len)?;
+            let res = self.chunks(offset, len).try_for_each(|c| {
                 #[allow(clippy::cast_possible_truncation)]
-                self.write_chunk(&st, c, &data[c.pos..c.pos + c.len as usize])?;
-            }
+                self.write_chunk(&st, c, &data[c.pos..c.pos + c.len as usize])
+            });
+            self.intent.end(offset, len);
+            res?;
         }
         if fua {
             self.flush()?;
@@ -891,10 +912,10 @@ impl Store {
         self.check_ok()?;
         let st = self.gate.read();
         self.check_range(offset, len, st.head.size)?;
-        for c in self.chunks(offset, len) {
-            self.zero_chunk(&st, c)?;
-        }
-        Ok(())
+        self.intent.begin(&self.db, &self.sync, offset, len)?;
+        let res = self.chunks(offset, len).try_for_each(|c| self.zero_chunk(&st, c));
+        self.intent.end(offset, len);
+        res
     }
 
     /// Zeroes a range. The store is thin, so this deallocates exactly like [`Store::unmap`]; both
@@ -949,9 +970,11 @@ impl Store {
     }
 
     /// Makes every write acknowledged before this call durable: data fdatasync'd first, then the
-    /// metadata log synced. Clusters unmapped before the call become reusable afterwards.
-    pub fn flush(&self) -> Result<()> {
+    /// metadata log synced. Clusters unmapped before the call become reusable afterwards. Returns
+    /// the flush point to give [`Store::clear_intent`] once this flush completed on every replica.
+    pub fn flush(&self) -> Result<u64> {
         self.check_ok()?;
+        let point = self.intent.flush_point();
         let pending = self.alloc.lock().alloc.take_pending();
         let res = self
             .sync_data()
@@ -959,7 +982,7 @@ impl Store {
         match res {
             Ok(()) => {
                 self.release(pending);
-                Ok(())
+                Ok(point)
             }
             Err(e) => {
                 let mut a = self.alloc.lock();
@@ -969,6 +992,18 @@ impl Store {
                 Err(e)
             }
         }
+    }
+
+    /// Clears the write-intent marks a flush with `point` covered (the engine calls this once that
+    /// flush completed on every member). Returns how many regions became clean.
+    pub fn clear_intent(&self, point: u64) -> Result<u64> {
+        self.check_ok()?;
+        self.intent.clear(&self.db, &self.nosync, point)
+    }
+
+    /// Regions ([`INTENT_REGION`] bytes each) that may differ from the other replicas.
+    pub fn dirty_regions(&self) -> Vec<u64> {
+        self.intent.dirty()
     }
 
     // ----- snapshots and size -------------------------------------------------------------
@@ -1218,6 +1253,7 @@ impl Store {
             snapshots: u32::try_from(st.snaps.len()).unwrap_or(u32::MAX),
             epoch,
             engine_id,
+            dirty_regions: self.intent.dirty().len() as u64,
             failure: self.failure.lock().clone(),
             data_device: self.config.data_device.clone(),
         })
