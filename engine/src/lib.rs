@@ -10,6 +10,7 @@
 //! metrics.
 
 pub mod authority;
+pub mod mgmt;
 pub mod nbd;
 pub mod volume;
 

@@ -45,10 +45,14 @@ struct Args {
     /// Heartbeat interval towards replicas.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// Serve the gRPC management API here.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    mgmt_listen: String,
     /// This engine's identity (default: a new one each start).
     #[arg(long)]
     engine_id: Option<Uuid>,
-    /// Write {"nbd": ADDR, "socket": PATH, "pid": N, "resynced_bytes": N} here once serving.
+    /// Write {"nbd": ADDR, "socket": PATH, "mgmt": ADDR, "pid": N, "resynced_bytes": N} here once
+    /// serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
 }
@@ -78,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(!token.is_empty(), "token file {} is empty", args.token_file.display());
     let cfg = VolumeConfig {
         volume_id: args.volume_id.clone(),
-        token,
+        token: token.clone(),
         engine_id: args.engine_id.unwrap_or_else(Uuid::new_v4),
         replicas: args.replicas.clone(),
         min_healthy: args.min_healthy_replicas,
@@ -117,6 +121,29 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         )));
     }
+    let mgmt = tokio::net::TcpListener::bind(&args.mgmt_listen)
+        .await
+        .with_context(|| format!("binding {}", args.mgmt_listen))?;
+    ready["mgmt"] = mgmt.local_addr()?.to_string().into();
+    info!(volume_id = %args.volume_id, mgmt = %mgmt.local_addr()?, "management API");
+    let stop_requested = CancellationToken::new();
+    let service = barnacle_engine::mgmt::Manager::service(
+        volume.clone(),
+        &token,
+        u32::try_from(args.min_healthy_replicas).unwrap_or(u32::MAX),
+        stop_requested.clone(),
+    );
+    let sd = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(mgmt);
+        let res = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async move { sd.cancelled().await })
+            .await;
+        if let Err(e) = res {
+            error!(error = %e, "management API failed");
+        }
+    }));
     if let Some(path) = &args.ready_file {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, ready.to_string())?;
@@ -127,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
     let code = tokio::select! {
         _ = tokio::signal::ctrl_c() => 0,
         _ = term.recv() => 0,
+        () = stop_requested.cancelled() => 0,
         () = deposed.cancelled() => 3,
     };
     shutdown.cancel();

@@ -60,8 +60,8 @@ pub enum VolumeError {
     Authority(#[from] AuthorityError),
     #[error("volume {volume_id}: {healthy} healthy replicas, {required} required")]
     TooFewReplicas { volume_id: String, healthy: usize, required: usize },
-    #[error("volume {volume_id}: replicas disagree on the size: {sizes:?}")]
-    SizeMismatch { volume_id: String, sizes: Vec<u64> },
+    #[error("volume {volume_id}: replicas disagree on the size ({sizes:?}) and growing failed: {reason}")]
+    SizeMismatch { volume_id: String, sizes: Vec<u64>, reason: String },
     #[error("volume {volume_id}: resync failed: {reason}")]
     Resync { volume_id: String, reason: String },
     #[error("volume {volume_id}: deposed by a newer engine: {reason}")]
@@ -126,7 +126,10 @@ pub struct Volume {
     /// Membership changes happen one at a time.
     change: tokio::sync::Mutex<()>,
     ranges: RangeLock,
-    size: u64,
+    size: std::sync::atomic::AtomicU64,
+    /// Every IO holds it shared; snapshots and expansion take it exclusively, which drains the IO
+    /// in flight and holds new IO back until they finish.
+    io_gate: tokio::sync::RwLock<()>,
     next_read: AtomicUsize,
     deposed: CancellationToken,
     resynced: std::sync::atomic::AtomicU64,
@@ -134,7 +137,7 @@ pub struct Volume {
 
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Volume").field("cfg", &self.cfg).field("size", &self.size).finish_non_exhaustive()
+        f.debug_struct("Volume").field("cfg", &self.cfg).field("size", &self.size()).finish_non_exhaustive()
     }
 }
 
@@ -213,7 +216,8 @@ impl Volume {
             view: RwLock::new(Arc::new(View { version, record: record.clone(), members: Vec::new() })),
             change: tokio::sync::Mutex::new(()),
             ranges: RangeLock::default(),
-            size: 0,
+            size: std::sync::atomic::AtomicU64::new(0),
+            io_gate: tokio::sync::RwLock::new(()),
             next_read: AtomicUsize::new(0),
             deposed: CancellationToken::new(),
             resynced: std::sync::atomic::AtomicU64::new(0),
@@ -240,13 +244,20 @@ impl Volume {
                 }
             }
         }
-        let mut sizes: Vec<u64> = members.iter().map(|m| m.client.hello().size).collect();
-        sizes.dedup();
-        if sizes.len() > 1 {
-            return Err(VolumeError::SizeMismatch { volume_id: vol.cfg.volume_id.clone(), sizes });
+        // An expansion interrupted by a crash leaves some members grown: finish it.
+        let size = members.iter().map(|m| m.client.hello().size).max().unwrap_or(0);
+        for m in &members {
+            if m.client.hello().size < size {
+                info!(volume_id = %vol.cfg.volume_id, replica = %m.id, size, "finishing an interrupted expansion");
+                m.client.resize(size).await.map_err(|e| VolumeError::SizeMismatch {
+                    volume_id: vol.cfg.volume_id.clone(),
+                    sizes: vec![m.client.hello().size, size],
+                    reason: e.to_string(),
+                })?;
+            }
         }
-        let size = sizes.first().copied().unwrap_or(0);
-        let vol = Arc::new(Volume { size, ..vol });
+        vol.size.store(size, Ordering::Relaxed);
+        let vol = Arc::new(vol);
         *vol.view.write() = Arc::new(View { version, record, members });
         if !unfenced.is_empty() {
             vol.eject(&unfenced).await.map_err(|e| match e {
@@ -420,10 +431,11 @@ impl Volume {
         let mut copied = 0u64;
         for r in dirty {
             let offset = r * region_size;
-            if offset >= self.size {
+            let size = self.size();
+            if offset >= size {
                 continue;
             }
-            let len = u32::try_from(region_size.min(self.size - offset)).unwrap_or(u32::MAX);
+            let len = u32::try_from(region_size.min(size - offset)).unwrap_or(u32::MAX);
             let data =
                 source.client.read(offset, len).await.map_err(|e| self.resync_error(&source.id, &e))?;
             for m in &view.members[1..] {
@@ -449,6 +461,78 @@ impl Volume {
         }
     }
 
+    /// Takes snapshot `name` on every member as one barrier: new IO waits, IO in flight drains,
+    /// every member snapshots, IO resumes. Repeating a snapshot that (partly) exists completes it.
+    pub async fn create_snapshot(&self, name: &str) -> Result<(), IoError> {
+        let _barrier = self.io_gate.write().await;
+        self.replicate(|m| {
+            let n = name.to_owned();
+            async move {
+                match m.client.snapshot_create(&n).await {
+                    Err(e) if e.status() == Some(Status::Exists) => Ok(()),
+                    other => other,
+                }
+            }
+        })
+        .await?;
+        info!(volume_id = %self.cfg.volume_id, snapshot = name, "snapshot taken on every member");
+        Ok(())
+    }
+
+    /// Deletes snapshot `name` on every member; a member that no longer has it is fine.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<(), IoError> {
+        let _barrier = self.io_gate.write().await;
+        self.replicate(|m| {
+            let n = name.to_owned();
+            async move {
+                match m.client.snapshot_delete(&n).await {
+                    Err(e) if e.status() == Some(Status::NotFound) => Ok(()),
+                    other => other,
+                }
+            }
+        })
+        .await
+        .map(drop)
+    }
+
+    /// The snapshots, as one member lists them (members hold the same ones).
+    pub async fn list_snapshots(&self) -> Result<Vec<barnacle_replica::wire::SnapshotEntry>, IoError> {
+        let view = self.view.read().clone();
+        self.enough(view.members.len())?;
+        view.members[0].client.snapshot_list().await.map_err(|e| IoError::Io(e.to_string()))
+    }
+
+    /// Grows every member, then the export. Shrinking is refused.
+    pub async fn expand(&self, new_size: u64) -> Result<(), IoError> {
+        let _barrier = self.io_gate.write().await;
+        let size = self.size();
+        if new_size < size {
+            return Err(IoError::Invalid(format!("cannot shrink from {size} to {new_size} bytes")));
+        }
+        self.replicate(|m| async move { m.client.resize(new_size).await }).await?;
+        self.size.store(new_size, Ordering::Relaxed);
+        info!(volume_id = %self.cfg.volume_id, from = size, to = new_size, "expanded");
+        Ok(())
+    }
+
+    /// Takes a replica out of the configuration (committed like an ejection).
+    pub async fn remove_replica(&self, id: &str) -> Result<(), IoError> {
+        if !self.view.read().members.iter().any(|m| m.id == id) {
+            return Err(IoError::Invalid(format!("replica {id} is not a healthy member")));
+        }
+        self.eject(&[id.to_owned()]).await
+    }
+
+    /// How long each healthy member has been silent.
+    pub fn member_silence(&self) -> Vec<(String, Duration)> {
+        self.view.read().members.iter().map(|m| (m.id.clone(), m.client.silence())).collect()
+    }
+
+    /// This engine's identity.
+    pub fn engine_id(&self) -> Uuid {
+        self.cfg.engine_id
+    }
+
     /// Bytes copied by the resync at start.
     pub fn resynced_bytes(&self) -> u64 {
         self.resynced.load(Ordering::Relaxed)
@@ -468,10 +552,11 @@ impl Volume {
 
 impl Backend for Volume {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Relaxed)
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        let _io = self.io_gate.read().await;
         loop {
             if self.deposed.is_cancelled() {
                 return Err(IoError::Shutdown);
@@ -494,6 +579,7 @@ impl Backend for Volume {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        let _io = self.io_gate.read().await;
         let _g = self.ranges.lock(offset, offset + data.len() as u64).await;
         self.replicate(|m| {
             let d = data.clone();
@@ -504,20 +590,23 @@ impl Backend for Volume {
     }
 
     async fn flush(&self) -> Result<(), IoError> {
+        let _io = self.io_gate.read().await;
         self.flush_all().await
     }
 
     async fn trim(&self, offset: u64, len: u32) -> Result<(), IoError> {
+        let _io = self.io_gate.read().await;
         let _g = self.ranges.lock(offset, offset + u64::from(len)).await;
         self.replicate(|m| async move { m.client.unmap(offset, len).await }).await.map(drop)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        let _io = self.io_gate.read().await;
         {
             let _g = self.ranges.lock(offset, offset + u64::from(len)).await;
             self.replicate(|m| async move { m.client.write_zeroes(offset, len).await }).await?;
         }
-        if fua { self.flush().await } else { Ok(()) }
+        if fua { self.flush_all().await } else { Ok(()) }
     }
 }
 

@@ -157,6 +157,8 @@ impl Drop for LoopFs {
 pub struct EngineProcess {
     pub child: Child,
     pub nbd: SocketAddr,
+    /// The gRPC management API.
+    pub mgmt: SocketAddr,
     /// Bytes the engine resynced at start (regions marked dirty by the previous incarnation).
     pub resynced_bytes: u64,
 }
@@ -190,7 +192,8 @@ impl EngineProcess {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap();
                 let nbd = v["nbd"].as_str().unwrap().parse().unwrap();
                 let resynced_bytes = v["resynced_bytes"].as_u64().unwrap();
-                return EngineProcess { child, nbd, resynced_bytes };
+                let mgmt = v["mgmt"].as_str().unwrap().parse().unwrap();
+                return EngineProcess { child, nbd, mgmt, resynced_bytes };
             }
             if let Some(status) = child.try_wait().unwrap() {
                 panic!(

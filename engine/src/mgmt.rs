@@ -1,0 +1,172 @@
+//! The engine's gRPC management API: status, snapshots as IO barriers, expansion, replica removal
+//! and shutdown. Every call must carry the volume's token (`authorization: Bearer <token>`).
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::authority::ReplicaState;
+use crate::nbd::{Backend, IoError};
+use crate::volume::Volume;
+
+/// Generated code of `proto/engine.proto`.
+#[allow(clippy::all, missing_debug_implementations, rust_2018_idioms)]
+pub mod pb {
+    tonic::include_proto!("barnacle.engine.v1");
+}
+
+use pb::engine_manager_server::{EngineManager, EngineManagerServer};
+
+/// Maps an IO error to a gRPC status: the one place the management API does so.
+pub fn grpc_status(e: &IoError) -> Status {
+    let msg = e.to_string();
+    match e {
+        IoError::Invalid(_) => Status::invalid_argument(msg),
+        IoError::NoSpace => Status::resource_exhausted(msg),
+        IoError::Shutdown => Status::unavailable(msg),
+        IoError::Io(_) => Status::unavailable(msg),
+    }
+}
+
+/// The management service of one engine.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    volume: Arc<Volume>,
+    min_healthy: u32,
+    shutdown: CancellationToken,
+}
+
+impl Manager {
+    /// The tonic service, with the token check in front of every call. `shutdown` fires on a
+    /// Shutdown call.
+    pub fn service(
+        volume: Arc<Volume>,
+        token: &str,
+        min_healthy: u32,
+        shutdown: CancellationToken,
+    ) -> tonic::service::interceptor::InterceptedService<
+        EngineManagerServer<Manager>,
+        impl tonic::service::Interceptor + Clone + use<>,
+    > {
+        let expected = format!("Bearer {token}");
+        let volume_id = volume.volume_id().to_owned();
+        let check = move |req: Request<()>| {
+            let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+            if barnacle_replica::server::token_matches(given, &expected) {
+                Ok(req)
+            } else {
+                warn!(volume_id = %volume_id, "refused management call: wrong token");
+                Err(Status::unauthenticated("missing or wrong token"))
+            }
+        };
+        EngineManagerServer::with_interceptor(Manager { volume, min_healthy, shutdown }, check)
+    }
+
+    fn status(&self) -> pb::StatusResponse {
+        let m = self.volume.membership();
+        let silence: std::collections::HashMap<_, _> = self.volume.member_silence().into_iter().collect();
+        pb::StatusResponse {
+            volume_id: self.volume.volume_id().to_owned(),
+            size_bytes: self.volume.size(),
+            epoch: m.epoch,
+            engine_id: self.volume.engine_id().to_string(),
+            replicas: m
+                .replicas
+                .iter()
+                .map(|r| pb::ReplicaStatus {
+                    id: r.id.clone(),
+                    address: r.addr.clone(),
+                    state: match r.state {
+                        ReplicaState::Healthy => "healthy",
+                        ReplicaState::Ejected { .. } => "ejected",
+                    }
+                    .into(),
+                    ejected_at_epoch: match r.state {
+                        ReplicaState::Ejected { epoch } => epoch,
+                        ReplicaState::Healthy => 0,
+                    },
+                    silent_ms: silence
+                        .get(&r.id)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                })
+                .collect(),
+            resynced_bytes: self.volume.resynced_bytes(),
+            min_healthy_replicas: self.min_healthy,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl EngineManager for Manager {
+    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(Manager::status(self)))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let name = req.into_inner().name;
+        if name.is_empty() || name.len() > barnacle_replica::store::MAX_SNAPSHOT_NAME {
+            return Err(Status::invalid_argument("snapshot name must be 1 to 128 bytes"));
+        }
+        self.volume.create_snapshot(&name).await.map_err(|e| grpc_status(&e))?;
+        Ok(Response::new(pb::SnapshotResponse {}))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let name = req.into_inner().name;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("snapshot name is required"));
+        }
+        self.volume.delete_snapshot(&name).await.map_err(|e| grpc_status(&e))?;
+        Ok(Response::new(pb::SnapshotResponse {}))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let snapshots = self
+            .volume
+            .list_snapshots()
+            .await
+            .map_err(|e| grpc_status(&e))?
+            .into_iter()
+            .map(|s| pb::Snapshot { name: s.name, size_bytes: s.size, created_unix: s.created_unix })
+            .collect();
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn expand(&self, req: Request<pb::ExpandRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let size = req.into_inner().size_bytes;
+        if size == 0 || !size.is_multiple_of(4096) {
+            return Err(Status::invalid_argument("size must be a non-zero multiple of 4096"));
+        }
+        self.volume.expand(size).await.map_err(|e| grpc_status(&e))?;
+        Ok(Response::new(Manager::status(self)))
+    }
+
+    async fn remove_replica(
+        &self,
+        req: Request<pb::RemoveReplicaRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let id = req.into_inner().id;
+        self.volume.remove_replica(&id).await.map_err(|e| grpc_status(&e))?;
+        Ok(Response::new(Manager::status(self)))
+    }
+
+    async fn shutdown(
+        &self,
+        _: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::ShutdownResponse>, Status> {
+        info!(volume_id = %self.volume.volume_id(), "shutdown requested");
+        self.shutdown.cancel();
+        Ok(Response::new(pb::ShutdownResponse {}))
+    }
+}
