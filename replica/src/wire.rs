@@ -439,6 +439,7 @@ impl Encoder<Request> for ClientCodec {
         use opcode::*;
         let (code, flags, offset, length): (u8, u8, u64, u32);
         let mut payload = BytesMut::new();
+        let mut bulk: Option<Bytes> = None;
         let len32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         match r.op {
             Op::Hello(h) => {
@@ -454,7 +455,8 @@ impl Encoder<Request> for ClientCodec {
             Op::Read { offset: o, len } => (code, flags, offset, length) = (READ, 0, o, len),
             Op::Write { offset: o, data, fua } => {
                 (code, flags, offset, length) = (WRITE, if fua { FLAG_FUA } else { 0 }, o, len32(data.len()));
-                payload.extend_from_slice(&data);
+                // Copied once, straight into the frame below.
+                bulk = Some(data);
             }
             Op::Flush => (code, flags, offset, length) = (FLUSH, 0, 0, 0),
             Op::Unmap { offset: o, len } => (code, flags, offset, length) = (UNMAP, 0, o, len),
@@ -491,7 +493,7 @@ impl Encoder<Request> for ClientCodec {
                 return Err(WireError::Io(std::io::Error::other("cannot encode an invalid request")));
             }
         }
-        let len = REQ_HEADER + payload.len();
+        let len = REQ_HEADER + payload.len() + bulk.as_ref().map_or(0, Bytes::len);
         if len > self.max_frame as usize {
             return Err(WireError::TooLarge { len: len32(len), max: self.max_frame });
         }
@@ -504,6 +506,9 @@ impl Encoder<Request> for ClientCodec {
         dst.put_u64(offset);
         dst.put_u32(length);
         dst.put_slice(&payload);
+        if let Some(b) = bulk {
+            dst.put_slice(&b);
+        }
         Ok(())
     }
 }

@@ -254,8 +254,8 @@ fn check(cfg: &ExportConfig, size: u64, h: &RequestHeader, is_read: bool) -> Res
 }
 
 async fn transmission<R, W, B>(
-    mut rd: R,
-    mut wr: W,
+    rd: R,
+    wr: W,
     backend: Arc<B>,
     cfg: ExportConfig,
     shutdown: CancellationToken,
@@ -265,6 +265,10 @@ where
     W: AsyncWrite + Send + Unpin + 'static,
     B: Backend,
 {
+    // Buffered both ways: small requests and replies share syscalls; payloads larger than the
+    // buffer go straight through.
+    let mut rd = tokio::io::BufReader::with_capacity(64 * 1024, rd);
+    let mut wr = tokio::io::BufWriter::with_capacity(64 * 1024, wr);
     let (tx, mut rx) = mpsc::channel::<Outgoing>(cfg.max_in_flight.max(1));
     let writer = tokio::spawn(async move {
         while let Some((head, data)) = rx.recv().await {

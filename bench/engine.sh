@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Engine benchmark: the same fio jobs against a raw file (io_uring, direct), qemu-nbd serving a
+# file on the same disk, Barnacle with 1 replica and Barnacle with 3 replicas, all in one run, with
+# each figure's ratio to the raw file and to qemu-nbd. Then the idle cost of an engine with three
+# replicas (CPU and resident memory). Results: docs/performance.md.
+#
+#   bench/engine.sh            # RUNTIME=10 seconds per job, SIZE_MIB=1024, DIR=/var/tmp
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/barnacle-target}"
+RUNTIME="${RUNTIME:-10}"
+SIZE_MIB="${SIZE_MIB:-1024}"
+IDLE_SECONDS="${IDLE_SECONDS:-10}"
+BIN="$CARGO_TARGET_DIR/release"
+
+cargo build --release --bins -p barnacle-replica -p barnacle-engine >&2
+work=$(mktemp -d "${DIR:-/var/tmp}/barnacle-bench.XXXXXX")
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+printf 'bench-token' > "$work/token"
+
+wait_ready() { # file
+  for _ in $(seq 1 300); do [ -s "$1" ] && return 0; sleep 0.1; done
+  echo "not ready: $1" >&2; exit 1
+}
+
+field() { # ready-file key
+  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
+}
+
+start_replica() { # dir; sets $addr to its data address
+  local dir=$1
+  "$BIN/barnacle-replica" --dir "$dir" --volume-id bench --token-file "$work/token" \
+    --size "${SIZE_MIB}MiB" --ready-file "$dir.ready" >/dev/null 2>>"$work/log" &
+  pids+=($!)
+  wait_ready "$dir.ready"
+  addr=$(field "$dir.ready" data)
+}
+
+start_engine() { # name replica-addr...; sets $uri to its NBD URI
+  local name=$1; shift
+  local args=() i=0
+  for a in "$@"; do args+=(--replica "r$i=$a"); i=$((i + 1)); done
+  mkdir -p "$work/$name"
+  "$BIN/barnacle-engine" --volume-id bench --token-file "$work/token" "${args[@]}" \
+    --state-dir "$work/$name" --nbd-listen 127.0.0.1:0 --ready-file "$work/$name/ready" >/dev/null 2>>"$work/log" &
+  pids+=($!)
+  wait_ready "$work/$name/ready"
+  uri="nbd://$(field "$work/$name/ready" nbd)/bench"
+}
+
+# Targets.
+truncate -s "${SIZE_MIB}M" "$work/raw.img"
+truncate -s "${SIZE_MIB}M" "$work/qemu.img"
+qemu-nbd -f raw -x bench -b 127.0.0.1 -p 10899 -t --aio=threads "$work/qemu.img" >/dev/null 2>>"$work/log" &
+pids+=($!)
+sleep 1
+start_replica "$work/r1-0"; start_engine e1 "$addr"; one=$uri
+start_replica "$work/r3-0"; a0=$addr
+start_replica "$work/r3-1"; a1=$addr
+start_replica "$work/r3-2"; a2=$addr
+start_engine e3 "$a0" "$a1" "$a2"; three=$uri
+declare -A target=(
+  [raw]="--ioengine=io_uring --direct=1 --filename=$work/raw.img"
+  [qemu-nbd]="--ioengine=nbd --uri=nbd://127.0.0.1:10899/bench"
+  [barnacle-1]="--ioengine=nbd --uri=$one"
+  [barnacle-3]="--ioengine=nbd --uri=$three"
+)
+order=(raw qemu-nbd barnacle-1 barnacle-3)
+
+# Fill every target first, so reads read data rather than holes.
+for t in "${order[@]}"; do
+  # shellcheck disable=SC2086
+  fio --name=fill ${target[$t]} --rw=write --bs=1m --iodepth=8 --size="${SIZE_MIB}m" --output=/dev/null
+done
+
+jobs=(
+  "randread4k|--rw=randread --bs=4k --iodepth=32"
+  "randwrite4k|--rw=randwrite --bs=4k --iodepth=32"
+  "read128k|--rw=read --bs=128k --iodepth=16"
+  "write128k|--rw=write --bs=128k --iodepth=16"
+  "randwrite4k-qd1|--rw=randwrite --bs=4k --iodepth=1"
+)
+for j in "${jobs[@]}"; do
+  name=${j%%|*}; opts=${j#*|}
+  for t in "${order[@]}"; do
+    # shellcheck disable=SC2086
+    fio --name="$name" ${target[$t]} $opts --size="${SIZE_MIB}m" --time_based --runtime="$RUNTIME" \
+      --randrepeat=0 --norandommap --output-format=json --output="$work/$name.$t.json"
+  done
+done
+
+# Idle cost of the 3-replica engine and its replicas.
+idle_pids=$(pgrep -f "barnacle-(engine|replica).*$work/(e3|r3-)" | tr '\n' ' ')
+ticks() { for p in $idle_pids; do awk '{print $14 + $15}' "/proc/$p/stat"; done | paste -sd+ | bc; }
+t0=$(ticks); sleep "$IDLE_SECONDS"; t1=$(ticks)
+hz=$(getconf CLK_TCK)
+rss=$(for p in $idle_pids; do awk '/VmRSS/ {print $2}' "/proc/$p/status"; done | sort -n | tail -1)
+
+python3 - "$work" "$RUNTIME" "$(( t1 - t0 ))" "$hz" "$IDLE_SECONDS" "$rss" <<'PY'
+import json, sys
+work, runtime, dticks, hz, idle, rss = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+order = ["raw", "qemu-nbd", "barnacle-1", "barnacle-3"]
+jobs = [("randread4k", "read", "iops"), ("randwrite4k", "write", "iops"), ("read128k", "read", "bw"),
+        ("write128k", "write", "bw"), ("randwrite4k-qd1", "write", "lat")]
+def fig(job, t, side, kind):
+    d = json.load(open(f"{work}/{job}.{t}.json"))["jobs"][0][side]
+    if kind == "iops":
+        return d["iops"], None
+    if kind == "bw":
+        return d["bw_bytes"] / 2**20, None
+    pct = d["clat_ns"]["percentile"]
+    return pct["50.000000"] / 1000, pct["99.000000"] / 1000
+print(f"fio, {runtime} s per job; ratios are to the raw file / to qemu-nbd (latency: lower is better)\n")
+print("| job | " + " | ".join(order) + " |")
+print("|---|" + "---|" * len(order))
+for job, side, kind in jobs:
+    vals = {t: fig(job, t, side, kind) for t in order}
+    cells = []
+    for t in order:
+        v, p99 = vals[t]
+        if kind == "lat":
+            r, q = vals["raw"][0], vals["qemu-nbd"][0]
+            cell = f"p50 {v:.0f} µs, p99 {p99:.0f} µs ({v / r:.2f} / {v / q:.2f})"
+        else:
+            unit = "IOPS" if kind == "iops" else "MiB/s"
+            r, q = vals["raw"][0], vals["qemu-nbd"][0]
+            cell = f"{v:,.0f} {unit} ({v / r:.2f} / {v / q:.2f})"
+        cells.append(cell)
+    print(f"| {job} | " + " | ".join(cells) + " |")
+cpu = dticks / hz / idle * 100
+print(f"\nidle, engine + 3 replicas over {idle} s: {cpu:.2f} % of one core in total; largest resident set {rss / 1024:.1f} MiB")
+PY
