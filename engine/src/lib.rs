@@ -5,9 +5,9 @@
 //!   fencing, range locks.
 //! - [`authority`]: the membership authority trait and the standalone file-based implementation.
 //!
-//! Not built yet (tracked in the engine issue): write-intent marks and resync after an engine
-//! crash, delta and full rebuilds, snapshot coordination, expansion, the management API and
-//! metrics.
+//! - [`mgmt`]: the gRPC management API (status, snapshots, expansion, replica removal, shutdown).
+//!
+//! Not built yet (tracked in the engine issue): delta and full rebuilds, adding replicas, metrics.
 
 pub mod authority;
 pub mod mgmt;
@@ -19,9 +19,33 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
-/// Serves `backend` as an NBD export on `listener` until `shutdown` fires.
-pub async fn serve_tcp<B: nbd::Backend>(
-    listener: tokio::net::TcpListener,
+/// A listener NBD clients connect to: TCP, or a unix socket.
+pub trait Accept: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static;
+    /// The next connection and a name for its peer.
+    fn next(&self) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (s, peer) = self.accept().await?;
+        let _ = s.set_nodelay(true);
+        Ok((s, peer.to_string()))
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next(&self) -> std::io::Result<(Self::Stream, String)> {
+        Ok((self.accept().await?.0, "unix".to_owned()))
+    }
+}
+
+/// Serves `backend` as an NBD export to every client of `listener` until `shutdown` fires. A unix
+/// socket should be created 0600 (root only, DESIGN rule 9).
+pub async fn serve<L: Accept, B: nbd::Backend>(
+    listener: L,
     backend: Arc<B>,
     cfg: nbd::ExportConfig,
     shutdown: CancellationToken,
@@ -30,50 +54,12 @@ pub async fn serve_tcp<B: nbd::Backend>(
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
-            a = listener.accept() => a,
+            a = listener.next() => a,
         };
         match accepted {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
                 let (b, c, sd) = (backend.clone(), cfg.clone(), shutdown.clone());
                 let span = info_span!("nbd", volume_id = %cfg.name, %peer);
-                tracker.spawn(
-                    async move {
-                        if let Err(e) = nbd::serve_connection(stream, b, c, sd).await {
-                            warn!(error = %e, "NBD connection ended");
-                        }
-                    }
-                    .instrument(span),
-                );
-            }
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-    tracker.close();
-    tracker.wait().await;
-}
-
-/// Serves `backend` as an NBD export on a unix socket (created 0600: root only, DESIGN rule 9)
-/// until `shutdown` fires.
-pub async fn serve_unix<B: nbd::Backend>(
-    listener: tokio::net::UnixListener,
-    backend: Arc<B>,
-    cfg: nbd::ExportConfig,
-    shutdown: CancellationToken,
-) {
-    let tracker = tokio_util::task::TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let (b, c, sd) = (backend.clone(), cfg.clone(), shutdown.clone());
-                let span = info_span!("nbd", volume_id = %cfg.name, peer = "unix");
                 tracker.spawn(
                     async move {
                         if let Err(e) = nbd::serve_connection(stream, b, c, sd).await {

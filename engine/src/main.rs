@@ -100,12 +100,7 @@ async fn main() -> anyhow::Result<()> {
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         ready["nbd"] = l.local_addr()?.to_string().into();
         info!(volume_id = %args.volume_id, nbd = %l.local_addr()?, "NBD on TCP");
-        tasks.push(tokio::spawn(barnacle_engine::serve_tcp(
-            l,
-            volume.clone(),
-            export.clone(),
-            shutdown.clone(),
-        )));
+        tasks.push(tokio::spawn(barnacle_engine::serve(l, volume.clone(), export.clone(), shutdown.clone())));
     }
     if let Some(path) = &args.nbd_socket {
         let _ = std::fs::remove_file(path);
@@ -114,12 +109,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         ready["socket"] = path.display().to_string().into();
         info!(volume_id = %args.volume_id, socket = %path.display(), "NBD on a unix socket");
-        tasks.push(tokio::spawn(barnacle_engine::serve_unix(
-            l,
-            volume.clone(),
-            export.clone(),
-            shutdown.clone(),
-        )));
+        tasks.push(tokio::spawn(barnacle_engine::serve(l, volume.clone(), export.clone(), shutdown.clone())));
     }
     let mgmt = tokio::net::TcpListener::bind(&args.mgmt_listen)
         .await

@@ -81,6 +81,22 @@ async fn fenced(s: &Server, epoch: u64) -> (ReplicaClient, Uuid) {
     (c, engine)
 }
 
+/// A raw framed connection that said hello for `engine` at `epoch`.
+async fn raw_connection(s: &Server, epoch: u64, engine: Uuid) -> Framed<TcpStream, ClientCodec> {
+    let stream = TcpStream::connect(s.data).await.unwrap();
+    let mut f = Framed::new(stream, ClientCodec::default());
+    let hello = Hello {
+        version: wire::VERSION,
+        volume_id: VOL.into(),
+        token: TOKEN.into(),
+        epoch,
+        engine_id: engine,
+    };
+    f.send(Request { id: 0, op: Op::Hello(hello) }).await.unwrap();
+    assert_eq!(f.next().await.unwrap().unwrap().status, Status::Ok);
+    f
+}
+
 fn block(tag: u64, len: usize) -> Bytes {
     let mut b = BytesMut::with_capacity(len);
     for i in 0..len / 8 {
@@ -130,17 +146,7 @@ async fn replies_come_back_out_of_order() {
     }
     // On a raw connection: a long stream (id 1) then a ping (id 2). The ping's reply must come
     // back before the stream has ended.
-    let stream = TcpStream::connect(s.data).await.unwrap();
-    let mut f = Framed::new(stream, ClientCodec::default());
-    let hello = Hello {
-        version: wire::VERSION,
-        volume_id: VOL.into(),
-        token: TOKEN.into(),
-        epoch: 1,
-        engine_id: engine,
-    };
-    f.send(Request { id: 0, op: Op::Hello(hello) }).await.unwrap();
-    assert_eq!(f.next().await.unwrap().unwrap().status, Status::Ok);
+    let mut f = raw_connection(&s, 1, engine).await;
     f.send(Request { id: 1, op: Op::ReadAllocated { snapshot: None, offset: 0, len: 0 } }).await.unwrap();
     f.send(Request { id: 2, op: Op::Ping }).await.unwrap();
     let mut seen = Vec::new();
@@ -437,17 +443,7 @@ async fn a_fence_is_not_held_up_by_a_peer_that_stopped_reading() {
     c.write(0, block(1, 4 * MIB as usize), false).await.unwrap();
     // The old engine floods 4 MiB reads and never reads a reply: its socket and the replica's
     // reply queue fill up.
-    let stream = TcpStream::connect(s.data).await.unwrap();
-    let mut f = Framed::new(stream, ClientCodec::default());
-    let hello = Hello {
-        version: wire::VERSION,
-        volume_id: VOL.into(),
-        token: TOKEN.into(),
-        epoch: 1,
-        engine_id: engine,
-    };
-    f.send(Request { id: 0, op: Op::Hello(hello) }).await.unwrap();
-    assert_eq!(f.next().await.unwrap().unwrap().status, Status::Ok);
+    let mut f = raw_connection(&s, 1, engine).await;
     for id in 1..200u64 {
         f.feed(Request { id, op: Op::Read { offset: 0, len: 4 * MIB as u32 } }).await.unwrap();
     }

@@ -234,3 +234,46 @@ impl Drop for EngineProcess {
 pub fn run_ok(cmd: &str, args: &[&str]) -> std::process::Output {
     run(cmd, args)
 }
+
+/// Reads the first `len` bytes of each replica directly, taking `epoch` for a throw-away engine
+/// identity (so only after the volume's engine stopped: this fences it out).
+pub async fn replica_images(
+    data: &[SocketAddr],
+    volume_id: &str,
+    token: &str,
+    epoch: u64,
+    len: u64,
+) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for addr in data {
+        let c = fenced_client(*addr, volume_id, token, epoch).await;
+        let mut all = Vec::new();
+        for off in (0..len).step_by(4 << 20) {
+            let n = u32::try_from((len - off).min(4 << 20)).unwrap();
+            all.extend_from_slice(&c.read(off, n).await.unwrap());
+        }
+        out.push(all);
+    }
+    out
+}
+
+/// A replica client that fenced `epoch` in for a new engine identity.
+pub async fn fenced_client(
+    addr: SocketAddr,
+    volume_id: &str,
+    token: &str,
+    epoch: u64,
+) -> barnacle_replica::client::ReplicaClient {
+    let engine = uuid::Uuid::new_v4();
+    let cfg = barnacle_replica::client::ClientConfig {
+        volume_id: volume_id.into(),
+        token: token.into(),
+        engine_id: engine,
+        epoch,
+        request_timeout: Duration::from_secs(30),
+        heartbeat: Duration::ZERO,
+    };
+    let c = barnacle_replica::client::ReplicaClient::connect(addr, cfg).await.unwrap();
+    c.fence(epoch, engine).await.unwrap();
+    c
+}

@@ -9,11 +9,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use barnacle_replica::client::{ClientConfig, ReplicaClient};
-use barnacle_tests::{EngineProcess, ReplicaProcess, run_ok};
+use barnacle_tests::{EngineProcess, ReplicaProcess, replica_images, run_ok};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use uuid::Uuid;
 
 const VOL: &str = "vol-faults";
 const TOKEN: &str = "faults-token";
@@ -94,26 +92,8 @@ fn fio_ok(child: std::process::Child, out: &Path) {
 
 /// Reads `len` bytes of every listed replica directly, under a fresh epoch (the engine stopped).
 async fn replica_bytes(replicas: &[&ReplicaProcess], epoch: u64, len: u64) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    for r in replicas {
-        let engine = Uuid::new_v4();
-        let cfg = ClientConfig {
-            volume_id: VOL.into(),
-            token: TOKEN.into(),
-            engine_id: engine,
-            epoch,
-            request_timeout: Duration::from_secs(30),
-            heartbeat: Duration::ZERO,
-        };
-        let c = ReplicaClient::connect(r.data, cfg).await.unwrap();
-        c.fence(epoch, engine).await.unwrap();
-        let mut all = Vec::new();
-        for off in (0..len).step_by(4 << 20) {
-            all.extend_from_slice(&c.read(off, 4 << 20).await.unwrap());
-        }
-        out.push(all);
-    }
-    out
+    let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.data).collect();
+    replica_images(&addrs, VOL, TOKEN, epoch, len).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

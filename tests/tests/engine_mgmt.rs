@@ -9,9 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use barnacle_engine::mgmt::pb::{self, engine_manager_client::EngineManagerClient};
-use barnacle_replica::client::{ClientConfig, ReplicaClient};
-use barnacle_tests::{EngineProcess, ReplicaProcess, run_ok};
-use uuid::Uuid;
+use barnacle_tests::{EngineProcess, ReplicaProcess, fenced_client, run_ok};
 
 const VOL: &str = "vol-mgmt";
 const TOKEN: &str = "mgmt-token";
@@ -23,19 +21,8 @@ fn authed<T>(msg: T) -> tonic::Request<T> {
     r
 }
 
-async fn direct(r: &ReplicaProcess, epoch: u64) -> ReplicaClient {
-    let engine = Uuid::new_v4();
-    let cfg = ClientConfig {
-        volume_id: VOL.into(),
-        token: TOKEN.into(),
-        engine_id: engine,
-        epoch,
-        request_timeout: Duration::from_secs(30),
-        heartbeat: Duration::ZERO,
-    };
-    let c = ReplicaClient::connect(r.data, cfg).await.unwrap();
-    c.fence(epoch, engine).await.unwrap();
-    c
+async fn direct(r: &ReplicaProcess, epoch: u64) -> barnacle_replica::client::ReplicaClient {
+    fenced_client(r.data, VOL, TOKEN, epoch).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,11 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use barnacle_replica::client::{ClientConfig, ReplicaClient};
-use barnacle_tests::{EngineProcess, ReplicaProcess, run_ok};
-use uuid::Uuid;
+use barnacle_tests::{EngineProcess, ReplicaProcess, replica_images, run_ok};
 
 const VOL: &str = "vol-nbd";
 const TOKEN: &str = "nbd-test-token";
@@ -50,26 +47,8 @@ async fn replica_contents(c: &Cluster) -> Vec<Vec<u8>> {
         serde_json::from_str(&std::fs::read_to_string(c.root.path().join("engine/membership.json")).unwrap())
             .unwrap();
     let epoch = state["membership"]["epoch"].as_u64().unwrap() + 1;
-    let mut out = Vec::new();
-    for r in &c.replicas {
-        let engine = Uuid::new_v4();
-        let cfg = ClientConfig {
-            volume_id: VOL.into(),
-            token: TOKEN.into(),
-            engine_id: engine,
-            epoch,
-            request_timeout: Duration::from_secs(30),
-            heartbeat: Duration::ZERO,
-        };
-        let client = ReplicaClient::connect(r.data, cfg).await.unwrap();
-        client.fence(epoch, engine).await.unwrap();
-        let mut all = Vec::new();
-        for off in (0..SIZE_MIB << 20).step_by(4 << 20) {
-            all.extend_from_slice(&client.read(off, 4 << 20).await.unwrap());
-        }
-        out.push(all);
-    }
-    out
+    let addrs: Vec<SocketAddr> = c.replicas.iter().map(|r| r.data).collect();
+    replica_images(&addrs, VOL, TOKEN, epoch, SIZE_MIB << 20).await
 }
 
 fn text(o: &std::process::Output) -> String {
