@@ -10,6 +10,7 @@
 //! Not built yet (tracked in the engine issue): delta and full rebuilds, adding replicas, metrics.
 
 pub mod authority;
+pub mod metrics;
 pub mod mgmt;
 pub mod nbd;
 pub mod volume;

@@ -45,14 +45,17 @@ struct Args {
     /// Heartbeat interval towards replicas.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    metrics_listen: String,
     /// Serve the gRPC management API here.
     #[arg(long, default_value = "127.0.0.1:0")]
     mgmt_listen: String,
     /// This engine's identity (default: a new one each start).
     #[arg(long)]
     engine_id: Option<Uuid>,
-    /// Write {"nbd": ADDR, "socket": PATH, "mgmt": ADDR, "pid": N, "resynced_bytes": N} here once
-    /// serving.
+    /// Write {"nbd": ADDR, "socket": PATH, "mgmt": ADDR, "metrics": ADDR, "pid": N,
+    /// "resynced_bytes": N} here once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
 }
@@ -92,6 +95,9 @@ async fn main() -> anyhow::Result<()> {
     let authority = Arc::new(FileAuthority::new(&args.state_dir)?);
     let volume = Volume::start(cfg, authority).await.context("starting the volume")?;
     let export = ExportConfig::new(&args.volume_id);
+    let metrics = Arc::new(barnacle_engine::metrics::Metrics::new());
+    let metered =
+        Arc::new(barnacle_engine::metrics::Metered { inner: volume.clone(), metrics: metrics.clone() });
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
     let mut ready =
@@ -100,7 +106,12 @@ async fn main() -> anyhow::Result<()> {
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         ready["nbd"] = l.local_addr()?.to_string().into();
         info!(volume_id = %args.volume_id, nbd = %l.local_addr()?, "NBD on TCP");
-        tasks.push(tokio::spawn(barnacle_engine::serve(l, volume.clone(), export.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(barnacle_engine::serve(
+            l,
+            metered.clone(),
+            export.clone(),
+            shutdown.clone(),
+        )));
     }
     if let Some(path) = &args.nbd_socket {
         let _ = std::fs::remove_file(path);
@@ -109,8 +120,26 @@ async fn main() -> anyhow::Result<()> {
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         ready["socket"] = path.display().to_string().into();
         info!(volume_id = %args.volume_id, socket = %path.display(), "NBD on a unix socket");
-        tasks.push(tokio::spawn(barnacle_engine::serve(l, volume.clone(), export.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(barnacle_engine::serve(
+            l,
+            metered.clone(),
+            export.clone(),
+            shutdown.clone(),
+        )));
     }
+    let ml = tokio::net::TcpListener::bind(&args.metrics_listen)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_listen))?;
+    ready["metrics"] = ml.local_addr()?.to_string().into();
+    info!(volume_id = %args.volume_id, metrics = %ml.local_addr()?, "metrics at /metrics");
+    tasks.push(tokio::spawn({
+        let (m, v, sd) = (metrics.clone(), volume.clone(), shutdown.clone());
+        async move {
+            if let Err(e) = barnacle_engine::metrics::serve(ml, m, v, sd).await {
+                error!(error = %e, "metrics endpoint failed");
+            }
+        }
+    }));
     let mgmt = tokio::net::TcpListener::bind(&args.mgmt_listen)
         .await
         .with_context(|| format!("binding {}", args.mgmt_listen))?;

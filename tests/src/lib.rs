@@ -159,6 +159,8 @@ pub struct EngineProcess {
     pub nbd: SocketAddr,
     /// The gRPC management API.
     pub mgmt: SocketAddr,
+    /// The Prometheus endpoint (`/metrics`).
+    pub metrics: SocketAddr,
     /// Bytes the engine resynced at start (regions marked dirty by the previous incarnation).
     pub resynced_bytes: u64,
 }
@@ -193,7 +195,8 @@ impl EngineProcess {
                 let nbd = v["nbd"].as_str().unwrap().parse().unwrap();
                 let resynced_bytes = v["resynced_bytes"].as_u64().unwrap();
                 let mgmt = v["mgmt"].as_str().unwrap().parse().unwrap();
-                return EngineProcess { child, nbd, mgmt, resynced_bytes };
+                let metrics = v["metrics"].as_str().unwrap().parse().unwrap();
+                return EngineProcess { child, nbd, mgmt, metrics, resynced_bytes };
             }
             if let Some(status) = child.try_wait().unwrap() {
                 panic!(
@@ -276,4 +279,23 @@ pub async fn fenced_client(
     let c = barnacle_replica::client::ReplicaClient::connect(addr, cfg).await.unwrap();
     c.fence(epoch, engine).await.unwrap();
     c
+}
+
+/// `GET path` over plain HTTP/1.0; returns the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+}
+
+/// The value of the first sample of `metric` whose line contains every one of `labels`.
+pub fn metric(body: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(metric))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }

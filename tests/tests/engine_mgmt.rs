@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use barnacle_engine::mgmt::pb::{self, engine_manager_client::EngineManagerClient};
-use barnacle_tests::{EngineProcess, ReplicaProcess, fenced_client, run_ok};
+use barnacle_tests::{EngineProcess, ReplicaProcess, fenced_client, http_get, metric, run_ok};
 
 const VOL: &str = "vol-mgmt";
 const TOKEN: &str = "mgmt-token";
@@ -92,6 +92,18 @@ async fn snapshots_expansion_status_and_shutdown() {
     assert_eq!(info["exports"][0]["export-size"].as_u64(), Some(96 * MIB));
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x5e 95M 1M", "-c", "read -P 0x5e 95M 1M"]);
 
+    // Metrics: IO by operation, bytes, latency, replica states, epoch.
+    let body = http_get(engine.metrics, "/metrics");
+    let writes =
+        metric(&body, "barnacle_engine_io_operations_total", &[r#"op="write""#, r#"result="ok""#]).unwrap();
+    assert!(writes > 100.0, "{body}");
+    assert!(
+        metric(&body, "barnacle_engine_io_bytes_total", &[r#"op="write""#]).unwrap() >= f64::from(1 << 20)
+    );
+    assert!(metric(&body, "barnacle_engine_io_latency_seconds_count", &[r#"op="write""#]).unwrap() >= writes);
+    assert_eq!(metric(&body, "barnacle_engine_replicas", &[r#"state="healthy""#]), Some(3.0));
+    assert_eq!(metric(&body, "barnacle_engine_size_bytes", &[]), Some((96 * MIB) as f64));
+
     // Removing a replica commits a new epoch without it; IO goes on.
     let st =
         m.remove_replica(authed(pb::RemoveReplicaRequest { id: "r2".into() })).await.unwrap().into_inner();
@@ -99,6 +111,9 @@ async fn snapshots_expansion_status_and_shutdown() {
     assert_eq!(st.replicas[2].ejected_at_epoch, st.epoch);
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x5f 0 64k", "-c", "flush"]);
     let epoch = st.epoch;
+    let body = http_get(engine.metrics, "/metrics");
+    assert_eq!(metric(&body, "barnacle_engine_replicas", &[r#"state="ejected""#]), Some(1.0), "{body}");
+    assert_eq!(metric(&body, "barnacle_engine_epoch", &[]), Some(epoch as f64));
 
     // Shutdown ends the process cleanly.
     m.shutdown(authed(pb::ShutdownRequest {})).await.unwrap();
