@@ -373,20 +373,33 @@ impl Volume {
         self.enough(view.members.len())?;
         let results = join_all(view.members.iter().map(|m| op(m.clone()))).await;
         let mut failed = Vec::new();
+        let mut refusals = Vec::new();
         let mut answers = Vec::with_capacity(results.len());
         for (m, r) in view.members.iter().zip(results) {
             match r {
                 Ok(v) => answers.push((m.clone(), v)),
                 Err(e) if is_deposing(&e) => return Err(self.depose(&e.to_string())),
-                Err(e) if matches!(e.status(), Some(Status::NoSpace)) => return Err(IoError::NoSpace),
-                Err(e) if matches!(e.status(), Some(Status::Invalid | Status::OutOfRange)) => {
-                    return Err(IoError::Invalid(e.to_string()));
-                }
                 Err(e) => {
+                    if let Some(s @ (Status::NoSpace | Status::Invalid | Status::OutOfRange)) = e.status() {
+                        refusals.push((s, e.to_string()));
+                    }
                     warn!(volume_id = %self.cfg.volume_id, replica = %m.id, error = %e, "replica failed a request");
                     failed.push(m.id.clone());
                 }
             }
+        }
+        // Refused by every member alike (a full disk, a bad request): the client's error, and no
+        // member diverged. Refused by some only: those members differ now, so they are ejected
+        // like any other failure.
+        if answers.is_empty()
+            && refusals.len() == failed.len()
+            && let Some((status, msg)) = refusals.first()
+        {
+            return Err(if *status == Status::NoSpace {
+                IoError::NoSpace
+            } else {
+                IoError::Invalid(msg.clone())
+            });
         }
         if !failed.is_empty() {
             self.eject(&failed).await?;

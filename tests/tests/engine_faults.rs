@@ -224,3 +224,31 @@ async fn after_an_engine_crash_only_dirty_regions_are_resynced() {
     let bytes = replica_bytes(&all, epoch, 128 << 20).await;
     assert!(bytes[0] == bytes[1] && bytes[1] == bytes[2], "replicas differ after the resync");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_disk_fills_is_ejected_and_writes_go_on() {
+    // Two replicas with room, one on a small filesystem that fills up part-way.
+    let small = barnacle_tests::LoopFs::new("ext4", 48);
+    let root = tempfile::tempdir().unwrap();
+    let token = root.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let log = root.path().join("log");
+    let replicas = [
+        ReplicaProcess::start(&root.path().join("r0"), VOL, &token, Some("64MiB"), &log),
+        ReplicaProcess::start(&root.path().join("r1"), VOL, &token, Some("64MiB"), &log),
+        ReplicaProcess::start(&small.mountpoint.join("r2"), VOL, &token, Some("64MiB"), &log),
+    ];
+    let ids: Vec<(String, SocketAddr)> =
+        replicas.iter().enumerate().map(|(i, r)| (format!("r{i}"), r.data)).collect();
+    let state = root.path().join("engine");
+    let mut engine = EngineProcess::start(VOL, &token, &ids, &state, &[], &log);
+    // 48 MiB of data cannot fit on the small filesystem; the others take it, and the client sees
+    // no error: the full replica diverged, so it is ejected rather than failing the volume.
+    run_ok("qemu-io", &["-f", "raw", &engine.uri(VOL), "-c", "write -P 0x3c 0 48M", "-c", "flush"]);
+    run_ok("qemu-io", &["-f", "raw", &engine.uri(VOL), "-c", "read -P 0x3c 0 48M"]);
+    let body = std::fs::read_to_string(state.join("membership.json")).unwrap();
+    let m = serde_json::from_str::<serde_json::Value>(&body).unwrap()["membership"].clone();
+    assert_eq!(m["replicas"][2]["state"], "ejected", "{m}");
+    assert_eq!(m["replicas"][0]["state"], "healthy", "{m}");
+    engine.stop();
+}
