@@ -86,13 +86,21 @@ fn unavailable(e: impl std::fmt::Display) -> AuthorityError {
 struct Flock(File);
 
 impl Flock {
+    /// Takes the lock, waiting at most 10 s: a holder that hangs must make IO fail, not hang.
     fn exclusive(path: &Path) -> std::io::Result<Flock> {
         let f = OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
-        // SAFETY: flock on a file descriptor we own; no memory is passed.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            // SAFETY: flock on a file descriptor we own; no memory is passed.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Flock(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) || std::time::Instant::now() > deadline {
+                return Err(e);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        Ok(Flock(f))
     }
 }
 

@@ -133,6 +133,54 @@ pub struct Volume {
     next_read: AtomicUsize,
     deposed: CancellationToken,
     resynced: std::sync::atomic::AtomicU64,
+    /// Members that failed and whose ejection is not committed yet: they get no IO, and no IO
+    /// completes until their ejection is committed (rule 2).
+    pending: Mutex<Vec<String>>,
+    writes: Arc<WriteTracker>,
+}
+
+/// Writes in flight, so intent marks are cleared only after every write a flush could have
+/// raced with has reached every member (or failed).
+#[derive(Default)]
+struct WriteTracker {
+    next: std::sync::atomic::AtomicU64,
+    in_flight: Mutex<std::collections::BTreeSet<u64>>,
+    done: Notify,
+    /// Set when members may differ outside the intent marks' knowledge (a refusal shared by all
+    /// members may have applied in part, or a failed member could not be ejected): marks are then
+    /// kept until the next start resyncs them.
+    hold_clears: std::sync::atomic::AtomicBool,
+}
+
+struct WriteTicket<'a> {
+    tracker: &'a WriteTracker,
+    seq: u64,
+}
+
+impl WriteTracker {
+    fn begin(&self) -> WriteTicket<'_> {
+        let seq = self.next.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.lock().insert(seq);
+        WriteTicket { tracker: self, seq }
+    }
+
+    /// Waits until no write that started before `cutoff` is in flight.
+    async fn drained_before(&self, cutoff: u64) {
+        loop {
+            let done = self.done.notified();
+            if self.in_flight.lock().first().is_none_or(|s| *s >= cutoff) {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+impl Drop for WriteTicket<'_> {
+    fn drop(&mut self) {
+        self.tracker.in_flight.lock().remove(&self.seq);
+        self.tracker.done.notify_waiters();
+    }
 }
 
 impl std::fmt::Debug for Volume {
@@ -221,6 +269,8 @@ impl Volume {
             next_read: AtomicUsize::new(0),
             deposed: CancellationToken::new(),
             resynced: std::sync::atomic::AtomicU64::new(0),
+            pending: Mutex::new(Vec::new()),
+            writes: Arc::new(WriteTracker::default()),
         };
         let attempts = join_all(record.healthy().map(|r| {
             let c = vol.client_config(record.epoch);
@@ -307,15 +357,51 @@ impl Volume {
         IoError::Shutdown
     }
 
-    /// Commits the ejection of `ids` (those still members) and fences the rest with the new epoch.
+    /// Commits the ejection of `ids`, and of any member whose ejection is still pending, and fences
+    /// the rest with the new epoch. Members stay pending (and get no IO) until this succeeds. It
+    /// never commits a configuration with fewer healthy members than required: the IO fails
+    /// instead and the members keep their data.
     async fn eject(&self, ids: &[String]) -> Result<(), IoError> {
         let _serial = self.change.lock().await;
-        let mut ids: Vec<String> = ids.to_vec();
+        {
+            let mut pending = self.pending.lock();
+            for id in ids {
+                if !pending.contains(id) {
+                    pending.push(id.clone());
+                }
+            }
+        }
         loop {
             let view = self.view.read().clone();
-            ids.retain(|id| view.members.iter().any(|m| &m.id == id));
+            let mut ids: Vec<String> = self.pending.lock().clone();
+            // Judged against the committed record, connected or not: a member unreachable at start
+            // is not in `members` but must still leave the record.
+            ids.retain(|id| view.record.healthy().any(|r| &r.id == id));
             if ids.is_empty() {
+                self.pending.lock().clear();
                 return Ok(());
+            }
+            let remaining: Vec<Arc<Member>> =
+                view.members.iter().filter(|m| !ids.contains(&m.id)).cloned().collect();
+            let required = self.cfg.min_healthy.max(1);
+            if remaining.len() < required {
+                // Losing every member at once is what a newer engine's fence looks like: if the
+                // record moved on, this engine is deposed.
+                let a = self.authority.clone();
+                if let Ok(Some(current)) = blocking_authority(move || a.load()).await
+                    && current.version != view.version
+                {
+                    return Err(self.depose("membership changed by someone else"));
+                }
+                warn!(volume_id = %self.cfg.volume_id, failed = ?ids, remaining = remaining.len(), required,
+                      "not committing an ejection below the minimum: failing the IO");
+                // The failed members may lack writes the others have: keep the marks.
+                self.writes.hold_clears.store(true, Ordering::SeqCst);
+                return Err(IoError::Io(format!(
+                    "volume {}: {} healthy replicas would remain, {required} required",
+                    self.cfg.volume_id,
+                    remaining.len()
+                )));
             }
             let mut record = view.record.clone();
             record.epoch += 1;
@@ -333,11 +419,10 @@ impl Volume {
                 }
                 Err(e) => {
                     warn!(volume_id = %self.cfg.volume_id, error = %e, "cannot commit an ejection: failing the IO");
+                    self.writes.hold_clears.store(true, Ordering::SeqCst);
                     return Err(IoError::Io(e.to_string()));
                 }
             };
-            let remaining: Vec<Arc<Member>> =
-                view.members.iter().filter(|m| !ids.contains(&m.id)).cloned().collect();
             let fenced = join_all(remaining.iter().map(|m| m.client.fence(epoch, self.cfg.engine_id))).await;
             let mut next = Vec::new();
             for (m, r) in remaining.iter().zip(fenced) {
@@ -352,11 +437,26 @@ impl Volume {
             }
             info!(volume_id = %self.cfg.volume_id, ejected = ?ids, epoch, "ejected replicas");
             *self.view.write() = Arc::new(View { version, record, members: remaining });
-            if next.is_empty() {
+            let done = next.is_empty();
+            *self.pending.lock() = next;
+            if done {
                 return Ok(());
             }
-            ids = next;
         }
+    }
+
+    /// The members IO goes to: the committed healthy ones, less those whose ejection is pending.
+    /// Commits pending ejections first; if that fails, so does the IO.
+    async fn serving(&self) -> Result<Vec<Arc<Member>>, IoError> {
+        if self.deposed.is_cancelled() {
+            return Err(IoError::Shutdown);
+        }
+        if !self.pending.lock().is_empty() {
+            self.eject(&[]).await?;
+        }
+        let members = self.view.read().members.clone();
+        self.enough(members.len())?;
+        Ok(members)
     }
 
     /// Runs `op` on every healthy member; succeeds only when all did, after committing the
@@ -366,16 +466,12 @@ impl Volume {
         F: Fn(Arc<Member>) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
-        if self.deposed.is_cancelled() {
-            return Err(IoError::Shutdown);
-        }
-        let view = self.view.read().clone();
-        self.enough(view.members.len())?;
-        let results = join_all(view.members.iter().map(|m| op(m.clone()))).await;
+        let members = self.serving().await?;
+        let results = join_all(members.iter().map(|m| op(m.clone()))).await;
         let mut failed = Vec::new();
         let mut refusals = Vec::new();
         let mut answers = Vec::with_capacity(results.len());
-        for (m, r) in view.members.iter().zip(results) {
+        for (m, r) in members.iter().zip(results) {
             match r {
                 Ok(v) => answers.push((m.clone(), v)),
                 Err(e) if is_deposing(&e) => return Err(self.depose(&e.to_string())),
@@ -395,6 +491,9 @@ impl Volume {
             && refusals.len() == failed.len()
             && let Some((status, msg)) = refusals.first()
         {
+            // Refused alike, but a multi-cluster request may have applied in part, differently
+            // per member: keep the intent marks for the next start to resync.
+            self.writes.hold_clears.store(true, Ordering::SeqCst);
             return Err(if *status == Status::NoSpace {
                 IoError::NoSpace
             } else {
@@ -411,9 +510,17 @@ impl Volume {
     /// Flushes every member; once all completed, lets each clear the write-intent marks that flush
     /// covered (in the background: clearing is lazy and a lost clear only costs a resync).
     async fn flush_all(&self) -> Result<(), IoError> {
+        // Writes started after this may be missing from a member's flush; those started before
+        // must have reached every member before any mark is cleared.
+        let cutoff = self.writes.next.load(Ordering::SeqCst);
         let points = self.replicate(|m| async move { m.client.flush().await }).await?;
         let volume_id = self.cfg.volume_id.clone();
+        let writes = self.writes.clone();
         tokio::spawn(async move {
+            writes.drained_before(cutoff).await;
+            if writes.hold_clears.load(Ordering::SeqCst) {
+                return;
+            }
             for (m, point) in points {
                 if let Err(e) = m.client.clear_intent(point).await {
                     warn!(volume_id = %volume_id, replica = %m.id, error = %e, "clearing intent marks failed");
@@ -478,16 +585,26 @@ impl Volume {
     /// every member snapshots, IO resumes. Repeating a snapshot that (partly) exists completes it.
     pub async fn create_snapshot(&self, name: &str) -> Result<(), IoError> {
         let _barrier = self.io_gate.write().await;
-        self.replicate(|m| {
-            let n = name.to_owned();
-            async move {
-                match m.client.snapshot_create(&n).await {
-                    Err(e) if e.status() == Some(Status::Exists) => Ok(()),
-                    other => other,
+        let taken = self
+            .replicate(|m| {
+                let n = name.to_owned();
+                async move {
+                    match m.client.snapshot_create(&n).await {
+                        Err(e) if e.status() == Some(Status::Exists) => Ok(()),
+                        other => other,
+                    }
                 }
+            })
+            .await;
+        if let Err(e) = taken {
+            // Not taken everywhere: remove it where it was, so a retry cannot give one name
+            // different contents on different members.
+            let members = self.view.read().members.clone();
+            for m in members {
+                let _ = m.client.snapshot_delete(name).await;
             }
-        })
-        .await?;
+            return Err(e);
+        }
         info!(volume_id = %self.cfg.volume_id, snapshot = name, "snapshot taken on every member");
         Ok(())
     }
@@ -574,9 +691,16 @@ impl Backend for Volume {
             if self.deposed.is_cancelled() {
                 return Err(IoError::Shutdown);
             }
-            let view = self.view.read().clone();
-            self.enough(view.members.len())?;
-            let m = view.members[self.next_read.fetch_add(1, Ordering::Relaxed) % view.members.len()].clone();
+            let members = self.serving().await?;
+            // A closed connection may mean a newer engine fenced that member: find out (the
+            // ejection's CAS deposes this engine if so) before serving a possibly stale read.
+            let closed: Vec<String> =
+                members.iter().filter(|m| m.client.is_closed()).map(|m| m.id.clone()).collect();
+            if !closed.is_empty() {
+                self.eject(&closed).await?;
+                continue;
+            }
+            let m = members[self.next_read.fetch_add(1, Ordering::Relaxed) % members.len()].clone();
             match m.client.read(offset, len).await {
                 Ok(b) => return Ok(b),
                 Err(e) if is_deposing(&e) => return Err(self.depose(&e.to_string())),
@@ -593,6 +717,7 @@ impl Backend for Volume {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         let _io = self.io_gate.read().await;
+        let _w = self.writes.begin();
         let _g = self.ranges.lock(offset, offset + data.len() as u64).await;
         self.replicate(|m| {
             let d = data.clone();
@@ -609,6 +734,7 @@ impl Backend for Volume {
 
     async fn trim(&self, offset: u64, len: u32) -> Result<(), IoError> {
         let _io = self.io_gate.read().await;
+        let _w = self.writes.begin();
         let _g = self.ranges.lock(offset, offset + u64::from(len)).await;
         self.replicate(|m| async move { m.client.unmap(offset, len).await }).await.map(drop)
     }
@@ -616,6 +742,7 @@ impl Backend for Volume {
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
         let _io = self.io_gate.read().await;
         {
+            let _w = self.writes.begin();
             let _g = self.ranges.lock(offset, offset + u64::from(len)).await;
             self.replicate(|m| async move { m.client.write_zeroes(offset, len).await }).await?;
         }

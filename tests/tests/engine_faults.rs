@@ -252,3 +252,19 @@ async fn a_replica_whose_disk_fills_is_ejected_and_writes_go_on() {
     assert_eq!(m["replicas"][0]["state"], "healthy", "{m}");
     engine.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_down_at_start_leaves_the_configuration() {
+    let mut s = setup(3);
+    s.replicas[2].kill();
+    // The engine cannot fence r2, so it commits r2's ejection before serving (otherwise r2 would
+    // still count as in sync after missing every write that follows) and waits out the lease.
+    let engine = s.engine("engine", &["--replica-timeout-ms", "500", "--heartbeat-ms", "100"]);
+    let m = s.membership("engine");
+    assert_eq!(m["replicas"][2]["state"], "ejected", "{m}");
+    assert_eq!(m["replicas"][0]["state"], "healthy", "{m}");
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", &engine.uri(VOL), "-c", "write -P 0x21 0 64k", "-c", "read -P 0x21 0 64k"],
+    );
+}

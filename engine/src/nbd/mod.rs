@@ -237,6 +237,27 @@ where
     }
 }
 
+/// Writes real zeros over `[offset, offset+len)` in pieces of at most `max` bytes.
+async fn write_zeros<B: Backend>(
+    b: &B,
+    offset: u64,
+    len: u32,
+    max: u32,
+    fua: bool,
+) -> Result<Option<Bytes>, IoError> {
+    let zeros = Bytes::from(vec![0u8; len.min(max) as usize]);
+    let mut done = 0u32;
+    while done < len {
+        let n = (len - done).min(max);
+        b.write(offset + u64::from(done), zeros.slice(..n as usize), false).await?;
+        done += n;
+    }
+    if fua {
+        b.flush().await?;
+    }
+    Ok(None)
+}
+
 /// A reply ready to be written: header and, for reads, data.
 type Outgoing = ([u8; 16], Option<Bytes>);
 
@@ -304,25 +325,35 @@ where
             Err(e) => break Err(ConnError::Protocol(e.to_string())),
         };
         let fua = h.flags & CMD_FLAG_FUA != 0;
-        // A write's payload is read before anything else, so the stream stays in step even when the
-        // write is refused.
-        let payload = if h.command == CMD_WRITE {
-            if h.length > cfg.max_block.saturating_mul(16) {
-                break Err(ConnError::Protocol(format!("write of {} bytes", h.length)));
-            }
-            let mut buf = BytesMut::zeroed(h.length as usize);
-            if let Err(e) = rd.read_exact(&mut buf).await {
-                break Err(e.into());
-            }
-            Some(buf.freeze())
-        } else {
-            None
-        };
+        let no_hole = h.flags & CMD_FLAG_NO_HOLE != 0;
         if h.command == CMD_DISC {
             debug!("client disconnected");
             break Ok(());
         }
+        // The permit comes before the payload, so buffered payloads are bounded by the in-flight
+        // limit times the largest block.
         let Ok(permit) = limit.clone().acquire_owned().await else { break Ok(()) };
+        // A write's payload is read before anything else, so the stream stays in step even when the
+        // write is refused; one above the largest block is skipped, not buffered.
+        let payload = if h.command == CMD_WRITE {
+            if h.length > cfg.max_block {
+                let skipped =
+                    tokio::io::copy(&mut (&mut rd).take(u64::from(h.length)), &mut tokio::io::sink()).await;
+                match skipped {
+                    Ok(n) if n == u64::from(h.length) => None,
+                    Ok(_) => break Ok(()),
+                    Err(e) => break Err(e.into()),
+                }
+            } else {
+                let mut buf = BytesMut::zeroed(h.length as usize);
+                if let Err(e) = rd.read_exact(&mut buf).await {
+                    break Err(e.into());
+                }
+                Some(buf.freeze())
+            }
+        } else {
+            None
+        };
         let (b, tx, cfg2) = (backend.clone(), tx.clone(), cfg.clone());
         tasks.spawn(async move {
             let size = b.size();
@@ -355,6 +386,8 @@ where
                 },
                 CMD_WRITE_ZEROES => match check(&cfg2, size, &h, false) {
                     Err(e) => Err(e),
+                    // NO_HOLE: the range must stay allocated, so zeros are written, not punched.
+                    Ok(()) if no_hole => write_zeros(b.as_ref(), h.offset, h.length, cfg2.max_block, fua).await,
                     Ok(()) => b.write_zeroes(h.offset, h.length, fua).await.map(|()| None),
                 },
                 other => Err(IoError::Invalid(format!("command {other} not supported"))),

@@ -56,6 +56,7 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
 // Errors carried in replies (Linux errno values, as the protocol defines them).
 pub const EPERM: u32 = 1;
