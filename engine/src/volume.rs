@@ -418,9 +418,20 @@ impl Volume {
                     return Err(self.depose("membership changed by someone else"));
                 }
                 Err(e) => {
-                    warn!(volume_id = %self.cfg.volume_id, error = %e, "cannot commit an ejection: failing the IO");
-                    self.writes.hold_clears.store(true, Ordering::SeqCst);
-                    return Err(IoError::Io(e.to_string()));
+                    // The write may have landed before the error (a failed directory sync after
+                    // the rename): read back before calling it failed.
+                    let (a, proposed) = (self.authority.clone(), record.clone());
+                    match blocking_authority(move || a.load()).await {
+                        Ok(Some(v)) if v.version == expected + 1 && v.membership == proposed => v.version,
+                        Ok(Some(v)) if v.version != expected => {
+                            return Err(self.depose("membership changed by someone else"));
+                        }
+                        _ => {
+                            warn!(volume_id = %self.cfg.volume_id, error = %e, "cannot commit an ejection: failing the IO");
+                            self.writes.hold_clears.store(true, Ordering::SeqCst);
+                            return Err(IoError::Io(e.to_string()));
+                        }
+                    }
                 }
             };
             let fenced = join_all(remaining.iter().map(|m| m.client.fence(epoch, self.cfg.engine_id))).await;

@@ -268,3 +268,14 @@ proptest! {
         tokio::runtime::Runtime::new().unwrap().block_on(feed(bytes));
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_negotiates_is_dropped() {
+    let (mut c, server) = start();
+    let mut hello = [0u8; 18];
+    c.read_exact(&mut hello).await.unwrap();
+    // Say nothing; with time paused, the timeout elapses at once.
+    let res =
+        tokio::time::timeout(barnacle_engine::nbd::NEGOTIATION_TIMEOUT * 2, server).await.unwrap().unwrap();
+    assert!(res.is_err(), "a silent client must be dropped");
+}

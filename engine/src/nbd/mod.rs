@@ -22,6 +22,9 @@ use tracing::{debug, warn};
 
 use self::proto::*;
 
+/// How long a client may take to negotiate an export.
+pub const NEGOTIATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Why an IO failed, as the NBD client will see it.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IoError {
@@ -117,7 +120,12 @@ where
     B: Backend,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    if !negotiate(&mut rd, &mut wr, backend.as_ref(), &cfg).await? {
+    // A client that stalls in the handshake is dropped rather than kept forever.
+    let negotiated =
+        tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(&mut rd, &mut wr, backend.as_ref(), &cfg))
+            .await
+            .map_err(|_| ConnError::Protocol(format!("no export chosen within {NEGOTIATION_TIMEOUT:?}")))?;
+    if !negotiated? {
         return Ok(());
     }
     transmission(rd, wr, backend, cfg, shutdown).await
