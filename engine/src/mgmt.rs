@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::authority::ReplicaState;
 use crate::nbd::{Backend, IoError};
@@ -50,17 +50,7 @@ impl Manager {
         EngineManagerServer<Manager>,
         impl tonic::service::Interceptor + Clone + use<>,
     > {
-        let expected = format!("Bearer {token}");
-        let volume_id = volume.volume_id().to_owned();
-        let check = move |req: Request<()>| {
-            let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
-            if barnacle_replica::server::token_matches(given, &expected) {
-                Ok(req)
-            } else {
-                warn!(volume_id = %volume_id, "refused management call: wrong token");
-                Err(Status::unauthenticated("missing or wrong token"))
-            }
-        };
+        let check = barnacle_replica::mgmt::bearer_check(token, volume.volume_id());
         EngineManagerServer::with_interceptor(Manager { volume, min_healthy, shutdown }, check)
     }
 

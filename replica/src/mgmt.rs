@@ -42,8 +42,29 @@ pub fn grpc_status(e: &StoreError) -> Status {
     }
 }
 
-fn stat_response(store: &Store) -> Result<pb::StatResponse, Status> {
-    let s = store.stat().map_err(|e| grpc_status(&e))?;
+/// A gRPC interceptor admitting only calls that carry `authorization: Bearer <token>`; refusals
+/// are logged with the volume id (never the token). Shared by every Barnacle management API.
+pub fn bearer_check(
+    token: &str,
+    volume_id: &str,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static + use<> {
+    let expected = format!("Bearer {token}");
+    let volume_id = volume_id.to_owned();
+    move |req: Request<()>| {
+        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if token_matches(given, &expected) {
+            Ok(req)
+        } else {
+            warn!(volume_id = %volume_id, "refused management call: wrong token");
+            Err(Status::unauthenticated("missing or wrong token"))
+        }
+    }
+}
+
+/// The store's stat, read off the async threads (it takes the store's gate, which a snapshot
+/// barrier can hold).
+async fn stat_response(store: Arc<Store>) -> Result<pb::StatResponse, Status> {
+    let s = blocking(move || store.stat()).await.map_err(|e| grpc_status(&e))?;
     Ok(pb::StatResponse {
         volume_id: s.volume_id,
         store_id: s.store_id.to_string(),
@@ -73,17 +94,7 @@ impl Manager {
         ReplicaManagerServer<Manager>,
         impl tonic::service::Interceptor + Clone,
     > {
-        let expected = format!("Bearer {}", replica.config().token);
-        let volume_id = replica.config().volume_id.clone();
-        let check = move |req: Request<()>| {
-            let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
-            if token_matches(given, &expected) {
-                Ok(req)
-            } else {
-                warn!(volume_id = %volume_id, "refused management call: wrong token");
-                Err(Status::unauthenticated("missing or wrong token"))
-            }
-        };
+        let check = bearer_check(&replica.config().token, &replica.config().volume_id);
         ReplicaManagerServer::with_interceptor(Manager { replica }, check)
     }
 
@@ -100,12 +111,12 @@ impl ReplicaManager for Manager {
         let r = req.into_inner();
         let cs = if r.cluster_size_bytes == 0 { DEFAULT_CLUSTER_SIZE } else { r.cluster_size_bytes };
         let store = self.replica.create_store(r.size_bytes, cs).await.map_err(|e| grpc_status(&e))?;
-        Ok(Response::new(stat_response(&store)?))
+        Ok(Response::new(stat_response(store).await?))
     }
 
     async fn open(&self, _: Request<pb::OpenRequest>) -> Result<Response<pb::StatResponse>, Status> {
         let store = self.replica.open_store().await.map_err(|e| grpc_status(&e))?;
-        Ok(Response::new(stat_response(&store)?))
+        Ok(Response::new(stat_response(store).await?))
     }
 
     async fn delete(&self, _: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
@@ -115,7 +126,7 @@ impl ReplicaManager for Manager {
 
     async fn stat(&self, _: Request<pb::StatRequest>) -> Result<Response<pb::StatResponse>, Status> {
         let store = self.store()?;
-        Ok(Response::new(stat_response(&store)?))
+        Ok(Response::new(stat_response(store).await?))
     }
 
     async fn create_snapshot(
@@ -143,9 +154,10 @@ impl ReplicaManager for Manager {
         &self,
         _: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        let snapshots = self
-            .store()?
-            .list_snapshots()
+        let store = self.store()?;
+        let snapshots = blocking(move || Ok(store.list_snapshots()))
+            .await
+            .map_err(|e| grpc_status(&e))?
             .into_iter()
             .map(|s| pb::Snapshot { name: s.name, size_bytes: s.size, created_unix: s.created_unix })
             .collect();
@@ -157,7 +169,7 @@ impl ReplicaManager for Manager {
         let store = self.store()?;
         let s2 = store.clone();
         blocking(move || s2.resize(size)).await.map_err(|e| grpc_status(&e))?;
-        Ok(Response::new(stat_response(&store)?))
+        Ok(Response::new(stat_response(store).await?))
     }
 
     type CloneSnapshotStream = ProgressStream;

@@ -121,7 +121,8 @@ impl Drop for LoopDevice {
 #[derive(Debug)]
 pub struct LoopFs {
     pub mountpoint: PathBuf,
-    device: LoopDevice,
+    /// Held for its `Drop`: detached after the unmount below.
+    _device: LoopDevice,
 }
 
 impl LoopFs {
@@ -134,7 +135,7 @@ impl LoopFs {
         let mountpoint = device.scratch().join("mnt");
         std::fs::create_dir(&mountpoint).unwrap();
         run("mount", &[&dev, mountpoint.to_str().unwrap()]);
-        LoopFs { mountpoint, device }
+        LoopFs { mountpoint, _device: device }
     }
 
     /// Bytes the filesystem reports in use (statvfs).
@@ -147,7 +148,6 @@ impl LoopFs {
 impl Drop for LoopFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mountpoint).status();
-        let _ = &self.device;
     }
 }
 
