@@ -339,6 +339,49 @@ impl ReplicaClient {
         Ok((size, words.collect()))
     }
 
+    /// Regions written in epoch `since` or later: (region size in bytes, region indexes in order).
+    pub async fn list_written(&self, since: u64) -> Result<(u64, Vec<u64>), ClientError> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        loop {
+            let r = self.call(Op::ListWritten { since, from }).await?;
+            let words = words(&r.payload, "written list")?;
+            if words.len() < 2 {
+                return Err(ClientError::Protocol("malformed written list".into()));
+            }
+            let (size, next) = (words[0], words[1]);
+            out.extend_from_slice(&words[2..]);
+            if next == u64::MAX {
+                return Ok((size, out));
+            }
+            if next < from {
+                return Err(ClientError::Protocol("written list went backwards".into()));
+            }
+            from = next;
+        }
+    }
+
+    /// Allocated extents `(offset, length)` of the head (`None`) or a snapshot, in order.
+    pub async fn list_allocated(&self, snapshot: Option<&str>) -> Result<Vec<(u64, u64)>, ClientError> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        loop {
+            let r = self.call(Op::ListAllocated { snapshot: snapshot.map(str::to_owned), from }).await?;
+            let words = words(&r.payload, "allocation list")?;
+            if words.len() % 2 != 1 {
+                return Err(ClientError::Protocol("malformed allocation list".into()));
+            }
+            out.extend(words[1..].chunks_exact(2).map(|p| (p[0], p[1])));
+            if words[0] == u64::MAX {
+                return Ok(out);
+            }
+            if words[0] <= from {
+                return Err(ClientError::Protocol("allocation list went backwards".into()));
+            }
+            from = words[0];
+        }
+    }
+
     pub async fn unmap(&self, offset: u64, len: u32) -> Result<(), ClientError> {
         self.call(Op::Unmap { offset, len }).await.map(drop)
     }
@@ -432,4 +475,12 @@ fn wire_err(e: wire::WireError) -> ClientError {
         wire::WireError::Io(e) => ClientError::Io(e),
         other => ClientError::Protocol(other.to_string()),
     }
+}
+
+/// A payload of big-endian u64 words, at least one.
+fn words(payload: &[u8], what: &str) -> Result<Vec<u64>, ClientError> {
+    if payload.len() < 8 || !payload.len().is_multiple_of(8) {
+        return Err(ClientError::Protocol(format!("malformed {what}")));
+    }
+    Ok(payload.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect())
 }

@@ -38,6 +38,8 @@ const PRE_AUTH_MAX_FRAME: u32 = 4096;
 const MAX_CONNECTIONS: usize = 256;
 /// Data per reply frame of a READ_ALLOCATED stream.
 const STREAM_CHUNK: u64 = 1 << 20;
+/// Entries per LIST_WRITTEN / LIST_ALLOCATED reply (a 1 MiB payload at most).
+const LIST_PAGE: usize = 65536;
 
 /// Settings of one replica server.
 #[derive(Clone)]
@@ -617,6 +619,39 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
                 b.put_u64(crate::store::INTENT_REGION);
                 for r in store.dirty_regions() {
                     b.put_u64(r);
+                }
+                Ok(b.freeze())
+            })
+            .await
+        }
+        Op::ListWritten { since, from } => {
+            blocking(move || {
+                let (regions, next) = store.written_since(since, from, LIST_PAGE)?;
+                let mut b = BytesMut::with_capacity(16 + 8 * regions.len());
+                b.put_u64(crate::store::INTENT_REGION);
+                b.put_u64(next.unwrap_or(u64::MAX));
+                for r in regions {
+                    b.put_u64(r);
+                }
+                Ok(b.freeze())
+            })
+            .await
+        }
+        Op::ListAllocated { snapshot, from } => {
+            blocking(move || {
+                let extents = store.allocated_extents(snapshot.as_deref(), from, LIST_PAGE)?;
+                // The next page starts at the next cluster (the last extent may end mid-cluster at
+                // the end of the volume).
+                let next = if extents.len() < LIST_PAGE {
+                    u64::MAX
+                } else {
+                    extents.last().map_or(u64::MAX, |e| (e.offset + e.len).next_multiple_of(store.cluster_size()))
+                };
+                let mut b = BytesMut::with_capacity(8 + 16 * extents.len());
+                b.put_u64(next);
+                for e in extents {
+                    b.put_u64(e.offset);
+                    b.put_u64(e.len);
                 }
                 Ok(b.freeze())
             })

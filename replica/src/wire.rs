@@ -48,6 +48,8 @@ pub mod opcode {
     pub const RESIZE: u8 = 0x25;
     pub const CLEAR_INTENT: u8 = 0x26;
     pub const LIST_INTENT: u8 = 0x27;
+    pub const LIST_WRITTEN: u8 = 0x28;
+    pub const LIST_ALLOCATED: u8 = 0x29;
     pub const READ_ALLOCATED: u8 = 0x30;
 }
 
@@ -211,6 +213,18 @@ pub enum Op {
     },
     /// Lists the write-intent marks: reply `u64 region size ++ u64 region...`.
     ListIntent,
+    /// Lists the regions written in epoch `since` or later, from region `from`: reply `u64 region
+    /// size ++ u64 next region (u64::MAX: done) ++ u64 region...`.
+    ListWritten {
+        since: u64,
+        from: u64,
+    },
+    /// Lists the allocated extents of the head (no name) or a snapshot from byte `from`: reply
+    /// `u64 next offset (u64::MAX: done) ++ (u64 offset, u64 length)...`.
+    ListAllocated {
+        snapshot: Option<String>,
+        from: u64,
+    },
     /// Streams the allocated data of the head (no name) or a snapshot from `offset` on, for at most
     /// `len` bytes (0: to the end).
     ReadAllocated {
@@ -350,6 +364,16 @@ fn decode_op(code: u8, flags: u8, offset: u64, length: u32, mut body: BytesMut) 
         RESIZE => no_payload(&body, Op::Resize { size: offset }),
         CLEAR_INTENT => no_payload(&body, Op::ClearIntent { point: offset }),
         LIST_INTENT => no_payload(&body, Op::ListIntent),
+        LIST_WRITTEN => {
+            if body.len() != 8 {
+                return Err("list-written takes an 8-byte start region".into());
+            }
+            Ok(Op::ListWritten { since: offset, from: body.get_u64() })
+        }
+        LIST_ALLOCATED => {
+            let snapshot = if body.is_empty() { None } else { Some(name_payload(&mut body)?) };
+            Ok(Op::ListAllocated { snapshot, from: offset })
+        }
         READ_ALLOCATED => {
             let snapshot = if body.is_empty() { None } else { Some(name_payload(&mut body)?) };
             Ok(Op::ReadAllocated { snapshot, offset, len: u64::from(length) << 12 })
@@ -482,6 +506,16 @@ impl Encoder<Request> for ClientCodec {
             Op::Resize { size } => (code, flags, offset, length) = (RESIZE, 0, size, 0),
             Op::ClearIntent { point } => (code, flags, offset, length) = (CLEAR_INTENT, 0, point, 0),
             Op::ListIntent => (code, flags, offset, length) = (LIST_INTENT, 0, 0, 0),
+            Op::ListWritten { since, from } => {
+                (code, flags, offset, length) = (LIST_WRITTEN, 0, since, 0);
+                payload.put_u64(from);
+            }
+            Op::ListAllocated { snapshot, from } => {
+                (code, flags, offset, length) = (LIST_ALLOCATED, 0, from, 0);
+                if let Some(s) = snapshot {
+                    payload.put_slice(s.as_bytes());
+                }
+            }
             Op::ReadAllocated { snapshot, offset: o, len } => {
                 (code, flags, offset, length) =
                     (READ_ALLOCATED, 0, o, u32::try_from(len >> 12).unwrap_or(u32::MAX));
@@ -553,6 +587,9 @@ mod tests {
             Op::Resize { size: 1 << 30 },
             Op::ClearIntent { point: 77 },
             Op::ListIntent,
+            Op::ListWritten { since: 9, from: 12 },
+            Op::ListAllocated { snapshot: None, from: 4096 },
+            Op::ListAllocated { snapshot: Some("s1".into()), from: 0 },
             Op::ReadAllocated { snapshot: Some("s1".into()), offset: 0, len: 0 },
             Op::ReadAllocated { snapshot: None, offset: 4096, len: 1 << 20 },
         ];

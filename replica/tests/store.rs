@@ -282,6 +282,44 @@ fn marking_a_clean_region_is_one_synced_batch_and_dirty_ones_cost_nothing() {
     }
     assert_eq!(s.metadata_sequence(), before, "writes to a dirty region wrote metadata");
     s.write(8 * MIB, &fill(5, 4096), false).unwrap();
-    // One mark for the new region, plus the new cluster's map entry and index entry.
-    assert_eq!(s.metadata_sequence(), before + 3);
+    // The new region's mark and written stamp, plus the new cluster's map entry and index entry.
+    assert_eq!(s.metadata_sequence(), before + 4);
+}
+
+#[test]
+fn written_stamps_tell_which_regions_changed_since_an_epoch() {
+    use barnacle_replica::store::INTENT_REGION as R;
+    let dir = tempfile::tempdir().unwrap();
+    let s = new_store(dir.path(), 64 * MIB);
+    let engine = Uuid::new_v4();
+    s.fence(1, engine).unwrap();
+    s.write(0, &fill(1, 4096), false).unwrap();
+    s.write(5 * R, &fill(1, 4096), false).unwrap();
+    // Marks cleared by a flush do not clear stamps.
+    let point = s.flush().unwrap();
+    s.clear_intent(point).unwrap();
+    assert!(s.dirty_regions().is_empty());
+    s.fence(3, engine).unwrap();
+    // Region 5 again (already dirty-and-clean before: must be stamped anew), a straddling write,
+    // and an unmap: all count as changes.
+    s.write(5 * R + 8192, &fill(2, 4096), false).unwrap();
+    s.write(9 * R - 4096, &fill(2, 8192), false).unwrap();
+    s.unmap(12 * R, 4096).unwrap();
+    assert_eq!(s.written_since(3, 0, 100).unwrap(), (vec![5, 8, 9, 12], None));
+    assert_eq!(s.written_since(2, 0, 100).unwrap(), (vec![5, 8, 9, 12], None));
+    assert_eq!(s.written_since(0, 0, 100).unwrap(), (vec![0, 5, 8, 9, 12], None));
+    // Paging.
+    assert_eq!(s.written_since(0, 0, 2).unwrap(), (vec![0, 5], Some(8)));
+    assert_eq!(s.written_since(0, 8, 2).unwrap(), (vec![8, 9], Some(12)));
+    assert_eq!(s.written_since(0, 12, 2).unwrap(), (vec![12], None));
+    assert_eq!(s.written_since(4, 0, 100).unwrap(), (vec![], None));
+    // Durable across a restart, and a write in a region dirty since before the restart is
+    // stamped with the epoch it lands in.
+    s.write(20 * R, &fill(3, 4096), false).unwrap();
+    drop(s);
+    let s = Store::open(&dir.path().join("r")).unwrap();
+    assert_eq!(s.written_since(3, 0, 100).unwrap(), (vec![5, 8, 9, 12, 20], None));
+    s.fence(4, engine).unwrap();
+    s.write(20 * R, &fill(4, 4096), false).unwrap();
+    assert_eq!(s.written_since(4, 0, 100).unwrap(), (vec![20], None));
 }

@@ -7,8 +7,15 @@
 //! is taken when a flush starts, and [`Intent::clear`] drops the regions with no write in flight
 //! whose last write was acknowledged before that point. After an engine crash the engine reads the
 //! marks of every member and resyncs just those regions.
+//!
+//! Beside the marks, every region keeps a *written stamp*: the highest epoch in which a write (or
+//! unmap) touched it, stored under `w` and never cleared. It is written in the same synced batch as
+//! the mark, before the first write of an epoch lands in the region, so "regions written since
+//! epoch E" is always a superset of what changed since then. That is the delta a replica ejected in
+//! epoch E needs when it comes back (DESIGN rule 7); epochs change rarely, so the steady state still
+//! costs no extra sync.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use parking_lot::{Condvar, Mutex};
 use rocksdb::{DB, WriteBatch, WriteOptions};
@@ -39,6 +46,10 @@ struct State {
     committing: bool,
     acks: u64,
     poisoned: Option<String>,
+    /// The replica's epoch: writes are stamped with it.
+    epoch: u64,
+    /// Regions whose stamp is (or is being made) the current epoch.
+    stamped: HashSet<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -52,18 +63,35 @@ fn regions(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
 }
 
 pub(crate) fn mark_key(region: u64) -> [u8; 9] {
+    region_key(keys::INTENT_TAG, region)
+}
+
+pub(crate) fn stamp_key(region: u64) -> [u8; 9] {
+    region_key(keys::STAMP_TAG, region)
+}
+
+fn region_key(tag: u8, region: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
-    k[0] = keys::INTENT_TAG;
+    k[0] = tag;
     k[1..].copy_from_slice(&region.to_be_bytes());
     k
 }
 
 impl Intent {
-    /// Marks found on disk at open: durable, nothing in flight.
-    pub(crate) fn load(marked: impl IntoIterator<Item = u64>) -> Intent {
+    /// Marks found on disk at open: durable, nothing in flight. Writes are stamped with `epoch`.
+    pub(crate) fn load(marked: impl IntoIterator<Item = u64>, epoch: u64) -> Intent {
         let regions =
             marked.into_iter().map(|r| (r, Region { in_flight: 0, last_ack: 0, ticket: 0 })).collect();
-        Intent { state: Mutex::new(State { regions, ..State::default() }), committed: Condvar::new() }
+        Intent { state: Mutex::new(State { regions, epoch, ..State::default() }), committed: Condvar::new() }
+    }
+
+    /// The replica took a new epoch: the next write to each region stamps it again.
+    pub(crate) fn set_epoch(&self, epoch: u64) {
+        let mut st = self.state.lock();
+        if st.epoch != epoch {
+            st.epoch = epoch;
+            st.stamped.clear();
+        }
     }
 
     /// Marks the regions of `[offset, offset+len)` as having a write in flight, and returns once
@@ -72,16 +100,21 @@ impl Intent {
         let mut st = self.state.lock();
         let mut need = 0;
         for r in regions(offset, len) {
+            let stamped = st.stamped.contains(&r);
             let ticket = match st.regions.get_mut(&r) {
-                Some(region) => {
+                Some(region) if stamped => {
                     region.in_flight += 1;
                     region.ticket
                 }
-                None => {
+                _ => {
                     st.next_ticket += 1;
                     let ticket = st.next_ticket;
-                    st.regions.insert(r, Region { in_flight: 1, last_ack: 0, ticket });
+                    let region =
+                        st.regions.entry(r).or_insert(Region { in_flight: 0, last_ack: 0, ticket: 0 });
+                    region.in_flight += 1;
+                    region.ticket = ticket;
                     st.pending.push(r);
+                    st.stamped.insert(r);
                     ticket
                 }
             };
@@ -104,10 +137,14 @@ impl Intent {
             st.committing = true;
             let batch_regions = std::mem::take(&mut st.pending);
             let top = st.next_ticket;
+            // A fence in between only raises it: a stamp too high is a larger delta, never a
+            // missed one.
+            let epoch = st.epoch.to_be_bytes();
             drop(st);
             let mut b = WriteBatch::default();
             for r in &batch_regions {
                 b.put(mark_key(*r), []);
+                b.put(stamp_key(*r), epoch);
             }
             let res = db.write_opt(b, sync);
             st = self.state.lock();

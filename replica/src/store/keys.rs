@@ -10,6 +10,10 @@
 //! | `E` | [`EpochRecord`] (JSON): the highest epoch accepted through a fence, and its engine |
 //! | `s` generation(u64 BE) | [`SnapshotRecord`] (JSON) |
 //! | `m` cluster(u64 BE) generation(u64 BE) | 8 bytes: physical cluster (u64 LE); empty: reads as zeros |
+//! | `g` generation(u64 BE) cluster(u64 BE) | empty: index of the clusters a generation wrote |
+//! | `d` region(u64 BE) | empty: write-intent mark (the region may differ between replicas) |
+//! | `w` region(u64 BE) | epoch (u64 BE): the last epoch in which the region was written |
+//! | `P` | clone in progress marker |
 //!
 //! Map keys sort by logical cluster, then generation, so "the entry a reader at generation `r` sees
 //! for cluster `c`" is one `seek_for_prev(m c r)`, however many snapshots exist.
@@ -24,6 +28,7 @@ pub(crate) const SNAP_TAG: u8 = b's';
 pub(crate) const MAP_TAG: u8 = b'm';
 pub(crate) const GEN_TAG: u8 = b'g';
 pub(crate) const INTENT_TAG: u8 = b'd';
+pub(crate) const STAMP_TAG: u8 = b'w';
 
 /// Layout version written into [`Config`]; an unknown version is refused at open.
 pub(crate) const LAYOUT_VERSION: u32 = 1;

@@ -566,7 +566,7 @@ impl Store {
             pins: Mutex::new(HashMap::new()),
             reserved_clusters,
             epoch: Mutex::new(epoch),
-            intent: Intent::load(marked),
+            intent: Intent::load(marked, epoch.epoch),
             failure: Mutex::new(None),
             nosync,
             sync,
@@ -1006,6 +1006,35 @@ impl Store {
         self.intent.dirty()
     }
 
+    /// Regions ([`INTENT_REGION`] bytes each) written or unmapped in epoch `since` or later, from
+    /// region `from` on, at most `max` of them; the second value is where to continue (`None`: no
+    /// more). A superset of what changed since then: the delta a replica ejected in `since` needs.
+    pub fn written_since(&self, since: u64, from: u64, max: usize) -> Result<(Vec<u64>, Option<u64>)> {
+        self.check_ok()?;
+        let mut it = self.db.raw_iterator();
+        it.seek(intent::stamp_key(from));
+        let mut out = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k.len() != 9 || k[0] != keys::STAMP_TAG {
+                break;
+            }
+            let region = u64::from_be_bytes(k[1..].try_into().unwrap_or_default());
+            let epoch = u64::from_be_bytes(v.try_into().map_err(|_| StoreError::Corrupt {
+                path: self.dir.clone(),
+                detail: format!("written stamp of region {region}"),
+            })?);
+            if epoch >= since {
+                if out.len() >= max {
+                    return Ok((out, Some(region)));
+                }
+                out.push(region);
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok((out, None))
+    }
+
     // ----- snapshots and size -------------------------------------------------------------
 
     /// Takes snapshot `name` of the head: drains IO, makes everything durable, and freezes the
@@ -1222,6 +1251,7 @@ impl Store {
         self.db.write_opt(b, &self.sync)?;
         let previous = e.epoch;
         *e = rec;
+        self.intent.set_epoch(epoch);
         info!(volume_id = %self.config.volume_id, epoch, previous, engine = %engine, "fenced");
         Ok(FenceOutcome::Raised { previous })
     }
