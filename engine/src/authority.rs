@@ -32,6 +32,20 @@ pub struct ReplicaRecord {
     pub addr: String,
     #[serde(flatten)]
     pub state: ReplicaState,
+    /// The identity of the replica's store once the engine saw it; a replica answering with
+    /// another identity has another history and rejoins only by a full rebuild.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_id: Option<Uuid>,
+    /// The epoch from which this replica's written stamps are complete (0 for an original member,
+    /// the join epoch after a full rebuild): it can serve as the source of a delta rebuild for a
+    /// replica ejected at or after that epoch.
+    #[serde(default)]
+    pub tracked_since: u64,
+    /// For an ejected replica: intent regions ([`barnacle_replica::store::INTENT_REGION`] bytes)
+    /// of the writes in flight when it was ejected, which it may have missed in the epoch before
+    /// its ejection. Later writes are found by the survivors' written stamps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missed_regions: Vec<u64>,
 }
 
 /// The volume's membership: its epoch, the engine holding it, and the replica set.
@@ -45,6 +59,10 @@ pub struct Membership {
 impl Membership {
     pub fn healthy(&self) -> impl Iterator<Item = &ReplicaRecord> {
         self.replicas.iter().filter(|r| r.state == ReplicaState::Healthy)
+    }
+
+    pub fn replica(&self, id: &str) -> Option<&ReplicaRecord> {
+        self.replicas.iter().find(|r| r.id == id)
     }
 }
 
@@ -166,6 +184,9 @@ mod tests {
                 id: "r0".into(),
                 addr: "127.0.0.1:1".into(),
                 state: ReplicaState::Healthy,
+                store_id: None,
+                tracked_since: 0,
+                missed_regions: Vec::new(),
             }],
         }
     }

@@ -45,6 +45,12 @@ struct Args {
     /// Heartbeat interval towards replicas.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// Rebuild copy rate limit in MiB/s (0: unlimited).
+    #[arg(long, default_value_t = 200)]
+    rebuild_mib_per_sec: u64,
+    /// How often replicas out of the configuration are tried for a rebuild.
+    #[arg(long, default_value_t = 2000)]
+    rebuild_retry_ms: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, default_value = "127.0.0.1:0")]
     metrics_listen: String,
@@ -91,6 +97,8 @@ async fn main() -> anyhow::Result<()> {
         min_healthy: args.min_healthy_replicas,
         replica_timeout: Duration::from_millis(args.replica_timeout_ms),
         heartbeat: Duration::from_millis(args.heartbeat_ms),
+        rebuild_bandwidth: args.rebuild_mib_per_sec.saturating_mul(1 << 20),
+        rebuild_retry: Duration::from_millis(args.rebuild_retry_ms),
     };
     let authority = Arc::new(FileAuthority::new(&args.state_dir)?);
     let volume = Volume::start(cfg, authority).await.context("starting the volume")?;

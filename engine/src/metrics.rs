@@ -46,6 +46,10 @@ pub struct Metrics {
     epoch: Gauge,
     resynced: Gauge,
     size: Gauge,
+    rebuild_done: Gauge,
+    rebuild_total: Gauge,
+    rebuilt: Gauge,
+    rebuilds: Gauge,
 }
 
 impl Default for Metrics {
@@ -76,7 +80,34 @@ impl Metrics {
             resynced.clone(),
         );
         registry.register("size_bytes", "The volume's size", size.clone());
-        Metrics { registry, ops, bytes, latency, replicas, epoch, resynced, size }
+        let (rebuild_done, rebuild_total) = (Gauge::default(), Gauge::default());
+        let (rebuilt, rebuilds) = (Gauge::default(), Gauge::default());
+        registry.register(
+            "rebuild_done_bytes",
+            "Bytes examined by the rebuild in progress (0 when none runs)",
+            rebuild_done.clone(),
+        );
+        registry.register(
+            "rebuild_total_bytes",
+            "Bytes the rebuild in progress examines in all (0 when none runs)",
+            rebuild_total.clone(),
+        );
+        registry.register("rebuilt_bytes", "Bytes written to rebuild targets since start", rebuilt.clone());
+        registry.register("rebuilds_completed", "Rebuilds completed since start", rebuilds.clone());
+        Metrics {
+            registry,
+            ops,
+            bytes,
+            latency,
+            replicas,
+            epoch,
+            resynced,
+            size,
+            rebuild_done,
+            rebuild_total,
+            rebuilt,
+            rebuilds,
+        }
     }
 
     fn record<T>(&self, op: &'static str, started: Instant, bytes: u64, r: &Result<T, IoError>) {
@@ -92,10 +123,21 @@ impl Metrics {
     pub fn render(&self, volume: &Volume) -> String {
         let m = volume.membership();
         let healthy = m.replicas.iter().filter(|r| r.state == ReplicaState::Healthy).count();
+        let progress = volume.rebuild_progress();
+        let rebuilding = usize::from(progress.is_some());
         let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
         self.replicas.get_or_create(&StateLabel { state: "healthy" }).set(gauge(healthy));
-        self.replicas.get_or_create(&StateLabel { state: "ejected" }).set(gauge(m.replicas.len() - healthy));
+        self.replicas.get_or_create(&StateLabel { state: "rebuilding" }).set(gauge(rebuilding));
+        self.replicas
+            .get_or_create(&StateLabel { state: "ejected" })
+            .set(gauge(m.replicas.len() - healthy - rebuilding));
         let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let (done, total) = progress.map_or((0, 0), |p| (p.done_bytes, p.total_bytes));
+        self.rebuild_done.set(big(done));
+        self.rebuild_total.set(big(total));
+        let (rebuilt, rebuilds) = volume.rebuild_totals();
+        self.rebuilt.set(big(rebuilt));
+        self.rebuilds.set(big(rebuilds));
         self.epoch.set(big(m.epoch));
         self.resynced.set(big(volume.resynced_bytes()));
         self.size.set(big(volume.size()));

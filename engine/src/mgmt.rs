@@ -1,5 +1,5 @@
-//! The engine's gRPC management API: status, snapshots as IO barriers, expansion, replica removal
-//! and shutdown. Every call must carry the volume's token (`authorization: Bearer <token>`).
+//! The engine's gRPC management API: status, snapshots as IO barriers, expansion, adding and
+//! removing replicas, and shutdown. Every call must carry the volume's token (`authorization: Bearer <token>`).
 
 use std::sync::Arc;
 
@@ -56,6 +56,8 @@ impl Manager {
 
     fn status(&self) -> pb::StatusResponse {
         let m = self.volume.membership();
+        let rebuild = self.volume.rebuild_progress();
+        let (rebuilt_bytes, rebuilds_completed) = self.volume.rebuild_totals();
         let silence: std::collections::HashMap<_, _> = self.volume.member_silence().into_iter().collect();
         pb::StatusResponse {
             volume_id: self.volume.volume_id().to_owned(),
@@ -70,6 +72,11 @@ impl Manager {
                     address: r.addr.clone(),
                     state: match r.state {
                         ReplicaState::Healthy => "healthy",
+                        ReplicaState::Ejected { .. }
+                            if rebuild.as_ref().is_some_and(|p| p.replica == r.id) =>
+                        {
+                            "rebuilding"
+                        }
                         ReplicaState::Ejected { .. } => "ejected",
                     }
                     .into(),
@@ -84,7 +91,21 @@ impl Manager {
                 .collect(),
             resynced_bytes: self.volume.resynced_bytes(),
             min_healthy_replicas: self.min_healthy,
+            rebuild: rebuild.map(rebuild_pb),
+            last_rebuild: self.volume.last_rebuild().map(rebuild_pb),
+            rebuilds_completed,
+            rebuilt_bytes,
         }
+    }
+}
+
+fn rebuild_pb(p: crate::volume::RebuildProgress) -> pb::Rebuild {
+    pb::Rebuild {
+        replica: p.replica,
+        kind: if p.full { "full" } else { "delta" }.into(),
+        phase: p.phase.into(),
+        done_bytes: p.done_bytes,
+        total_bytes: p.total_bytes,
     }
 }
 
@@ -148,6 +169,15 @@ impl EngineManager for Manager {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let id = req.into_inner().id;
         self.volume.remove_replica(&id).await.map_err(|e| grpc_status(&e))?;
+        Ok(Response::new(Manager::status(self)))
+    }
+
+    async fn add_replica(
+        &self,
+        req: Request<pb::AddReplicaRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let r = req.into_inner();
+        self.volume.add_replica(&r.id, &r.address).await.map_err(|e| grpc_status(&e))?;
         Ok(Response::new(Manager::status(self)))
     }
 

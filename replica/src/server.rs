@@ -645,7 +645,9 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
                 let next = if extents.len() < LIST_PAGE {
                     u64::MAX
                 } else {
-                    extents.last().map_or(u64::MAX, |e| (e.offset + e.len).next_multiple_of(store.cluster_size()))
+                    extents
+                        .last()
+                        .map_or(u64::MAX, |e| (e.offset + e.len).next_multiple_of(store.cluster_size()))
                 };
                 let mut b = BytesMut::with_capacity(8 + 16 * extents.len());
                 b.put_u64(next);

@@ -25,6 +25,10 @@ pub struct ReplicaProcess {
     pub child: Child,
     pub data: SocketAddr,
     pub mgmt: SocketAddr,
+    dir: PathBuf,
+    volume_id: String,
+    token_file: PathBuf,
+    log: PathBuf,
 }
 
 impl ReplicaProcess {
@@ -37,6 +41,25 @@ impl ReplicaProcess {
         size: Option<&str>,
         log: &Path,
     ) -> ReplicaProcess {
+        Self::start_at(dir, volume_id, token_file, size, log, None)
+    }
+
+    /// Starts it again (after [`ReplicaProcess::kill`]) on the same store and data address.
+    pub fn restart(&mut self) {
+        self.kill();
+        *self =
+            Self::start_at(&self.dir, &self.volume_id, &self.token_file, None, &self.log, Some(self.data));
+    }
+
+    /// Like [`ReplicaProcess::start`], on data address `listen` if given.
+    pub fn start_at(
+        dir: &Path,
+        volume_id: &str,
+        token_file: &Path,
+        size: Option<&str>,
+        log: &Path,
+        listen: Option<SocketAddr>,
+    ) -> ReplicaProcess {
         let ready = dir.with_extension("ready");
         let _ = std::fs::remove_file(&ready);
         let mut cmd = Command::new(binary("barnacle-replica"));
@@ -44,6 +67,9 @@ impl ReplicaProcess {
         cmd.arg("--ready-file").arg(&ready);
         if let Some(s) = size {
             cmd.arg("--size").arg(s);
+        }
+        if let Some(a) = listen {
+            cmd.arg("--listen").arg(a.to_string());
         }
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
@@ -54,7 +80,15 @@ impl ReplicaProcess {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap();
                 let data = v["data"].as_str().unwrap().parse().unwrap();
                 let mgmt = v["mgmt"].as_str().unwrap().parse().unwrap();
-                return ReplicaProcess { child, data, mgmt };
+                return ReplicaProcess {
+                    child,
+                    data,
+                    mgmt,
+                    dir: dir.to_owned(),
+                    volume_id: volume_id.to_owned(),
+                    token_file: token_file.to_owned(),
+                    log: log.to_owned(),
+                };
             }
             if let Some(status) = child.try_wait().unwrap() {
                 panic!(

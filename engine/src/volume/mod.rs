@@ -9,6 +9,12 @@
 //! to another (ejecting the failed one) on error. Overlapping writes are serialised by a range lock
 //! (rule 4). A replica that answers "stale epoch" means a newer engine exists: this one is deposed,
 //! fails all IO and stops (rule 3).
+//!
+//! An ejected or added replica rejoins only through a rebuild ([`rebuild`], rule 7).
+
+mod rebuild;
+
+pub use self::rebuild::RebuildProgress;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,6 +47,10 @@ pub struct VolumeConfig {
     pub replica_timeout: Duration,
     /// Keep-alive interval towards replicas; silence of 4 beats (at least 1 s) closes a connection.
     pub heartbeat: Duration,
+    /// Rebuild copy rate limit in bytes per second (0: unlimited).
+    pub rebuild_bandwidth: u64,
+    /// How often replicas out of the configuration are tried for a rebuild.
+    pub rebuild_retry: Duration,
 }
 
 impl std::fmt::Debug for VolumeConfig {
@@ -73,11 +83,13 @@ struct Member {
     client: ReplicaClient,
 }
 
-/// The committed configuration this engine serves, with a connection to each healthy member.
+/// The committed configuration this engine serves, with a connection to each healthy member,
+/// and the replica being rebuilt, if any: it gets every write but serves no read.
 struct View {
     version: u64,
     record: Membership,
     members: Vec<Arc<Member>>,
+    joining: Option<Arc<Member>>,
 }
 
 /// Serialises overlapping ranges.
@@ -137,6 +149,7 @@ pub struct Volume {
     /// completes until their ejection is committed (rule 2).
     pending: Mutex<Vec<String>>,
     writes: Arc<WriteTracker>,
+    rebuild: rebuild::RebuildState,
 }
 
 /// Writes in flight, so intent marks are cleared only after every write a flush could have
@@ -144,7 +157,8 @@ pub struct Volume {
 #[derive(Default)]
 struct WriteTracker {
     next: std::sync::atomic::AtomicU64,
-    in_flight: Mutex<std::collections::BTreeSet<u64>>,
+    /// Sequence number → (offset, length) of each write in flight.
+    in_flight: Mutex<std::collections::BTreeMap<u64, (u64, u64)>>,
     done: Notify,
     /// Set when members may differ outside the intent marks' knowledge (a refusal shared by all
     /// members may have applied in part, or a failed member could not be ejected): marks are then
@@ -158,9 +172,9 @@ struct WriteTicket<'a> {
 }
 
 impl WriteTracker {
-    fn begin(&self) -> WriteTicket<'_> {
+    fn begin(&self, offset: u64, len: u64) -> WriteTicket<'_> {
         let seq = self.next.fetch_add(1, Ordering::SeqCst);
-        self.in_flight.lock().insert(seq);
+        self.in_flight.lock().insert(seq, (offset, len));
         WriteTicket { tracker: self, seq }
     }
 
@@ -168,11 +182,24 @@ impl WriteTracker {
     async fn drained_before(&self, cutoff: u64) {
         loop {
             let done = self.done.notified();
-            if self.in_flight.lock().first().is_none_or(|s| *s >= cutoff) {
+            if self.in_flight.lock().first_key_value().is_none_or(|(s, _)| *s >= cutoff) {
                 return;
             }
             done.await;
         }
+    }
+}
+
+impl WriteTracker {
+    /// The intent regions of every write in flight.
+    fn regions_in_flight(&self) -> std::collections::BTreeSet<u64> {
+        let r = barnacle_replica::store::INTENT_REGION;
+        self.in_flight
+            .lock()
+            .values()
+            .filter(|(_, len)| *len > 0)
+            .flat_map(|&(o, len)| (o / r)..=((o + len - 1) / r))
+            .collect()
     }
 }
 
@@ -246,6 +273,9 @@ impl Volume {
                             id: id.clone(),
                             addr: addr.clone(),
                             state: ReplicaState::Healthy,
+                            store_id: None,
+                            tracked_since: 0,
+                            missed_regions: Vec::new(),
                         })
                         .collect(),
                 },
@@ -261,7 +291,12 @@ impl Volume {
         let vol = Volume {
             cfg,
             authority,
-            view: RwLock::new(Arc::new(View { version, record: record.clone(), members: Vec::new() })),
+            view: RwLock::new(Arc::new(View {
+                version,
+                record: record.clone(),
+                members: Vec::new(),
+                joining: None,
+            })),
             change: tokio::sync::Mutex::new(()),
             ranges: RangeLock::default(),
             size: std::sync::atomic::AtomicU64::new(0),
@@ -271,6 +306,7 @@ impl Volume {
             resynced: std::sync::atomic::AtomicU64::new(0),
             pending: Mutex::new(Vec::new()),
             writes: Arc::new(WriteTracker::default()),
+            rebuild: rebuild::RebuildState::default(),
         };
         let attempts = join_all(record.healthy().map(|r| {
             let c = vol.client_config(record.epoch);
@@ -281,7 +317,19 @@ impl Volume {
         let mut unfenced = Vec::new();
         for (id, res) in attempts {
             match res {
-                Ok(client) => members.push(Arc::new(Member { id, client })),
+                Ok(client) => {
+                    let known = record.replica(&id).and_then(|r| r.store_id);
+                    let found = client.hello().store_id;
+                    if known.is_some_and(|k| k != found) {
+                        // Another history (the store was recreated): it must not serve anything
+                        // until a full rebuild made it a copy again.
+                        warn!(volume_id = %vol.cfg.volume_id, replica = %id, ?known, %found,
+                              "replica answers with another store identity: ejecting it for a full rebuild");
+                        unfenced.push(id);
+                    } else {
+                        members.push(Arc::new(Member { id, client }));
+                    }
+                }
                 Err(e) if is_deposing(&e) => {
                     return Err(VolumeError::Deposed {
                         volume_id: vol.cfg.volume_id.clone(),
@@ -307,10 +355,40 @@ impl Volume {
             }
         }
         vol.size.store(size, Ordering::Relaxed);
+        // Remember the identity of each member's store, so one that comes back with another
+        // history is recognised.
+        let mut version = version;
+        let mut named = record.clone();
+        for m in &members {
+            if let Some(r) = named.replicas.iter_mut().find(|r| r.id == m.id) {
+                r.store_id = Some(m.client.hello().store_id);
+            }
+        }
+        if named != record {
+            let (a, r) = (vol.authority.clone(), named.clone());
+            let v = version;
+            version =
+                blocking_authority(move || a.compare_and_set(Some(v), &r)).await.map_err(|e| match e {
+                    AuthorityError::Conflict { .. } => VolumeError::Deposed {
+                        volume_id: vol.cfg.volume_id.clone(),
+                        reason: "membership changed during start".into(),
+                    },
+                    other => VolumeError::Authority(other),
+                })?;
+            record = named;
+        }
         let vol = Arc::new(vol);
-        *vol.view.write() = Arc::new(View { version, record, members });
+        *vol.view.write() = Arc::new(View { version, record, members, joining: None });
         if !unfenced.is_empty() {
-            vol.eject(&unfenced).await.map_err(|e| match e {
+            // Writes of the previous engine in flight when it stopped are where the members'
+            // intent marks are: the ejected ones may have missed them.
+            let mut missed = std::collections::BTreeSet::new();
+            let members = vol.view.read().members.clone();
+            for m in &members {
+                let (_, regions) = m.client.list_intent().await.map_err(|e| vol.resync_error(&m.id, &e))?;
+                missed.extend(regions);
+            }
+            vol.eject_with(&unfenced, &missed).await.map_err(|e| match e {
                 IoError::Shutdown => VolumeError::Deposed {
                     volume_id: vol.cfg.volume_id.clone(),
                     reason: "during start".into(),
@@ -332,6 +410,7 @@ impl Volume {
         let copied = vol.resync().await?;
         vol.resynced.store(copied, Ordering::Relaxed);
         info!(volume_id = %vol.cfg.volume_id, size, healthy, "volume serving");
+        vol.spawn_rebuilder();
         Ok(vol)
     }
 
@@ -362,6 +441,16 @@ impl Volume {
     /// never commits a configuration with fewer healthy members than required: the IO fails
     /// instead and the members keep their data.
     async fn eject(&self, ids: &[String]) -> Result<(), IoError> {
+        self.eject_with(ids, &std::collections::BTreeSet::new()).await
+    }
+
+    /// [`Volume::eject`], recording `missed` (with the writes in flight) as regions the ejected
+    /// members may lack.
+    async fn eject_with(
+        &self,
+        ids: &[String],
+        missed: &std::collections::BTreeSet<u64>,
+    ) -> Result<(), IoError> {
         let _serial = self.change.lock().await;
         {
             let mut pending = self.pending.lock();
@@ -406,9 +495,14 @@ impl Volume {
             let mut record = view.record.clone();
             record.epoch += 1;
             let epoch = record.epoch;
+            // Every write the ejected members may have missed in the old epoch is in flight now:
+            // those that failed on them wait for this commit (rule 2).
+            let mut lacking = self.writes.regions_in_flight();
+            lacking.extend(missed.iter().copied());
             for r in &mut record.replicas {
                 if ids.contains(&r.id) {
                     r.state = ReplicaState::Ejected { epoch };
+                    r.missed_regions = lacking.iter().copied().collect();
                 }
             }
             let (a, r, expected) = (self.authority.clone(), record.clone(), view.version);
@@ -447,7 +541,8 @@ impl Volume {
                 }
             }
             info!(volume_id = %self.cfg.volume_id, ejected = ?ids, epoch, "ejected replicas");
-            *self.view.write() = Arc::new(View { version, record, members: remaining });
+            *self.view.write() =
+                Arc::new(View { version, record, members: remaining, joining: view.joining.clone() });
             let done = next.is_empty();
             *self.pending.lock() = next;
             if done {
@@ -456,18 +551,19 @@ impl Volume {
         }
     }
 
-    /// The members IO goes to: the committed healthy ones, less those whose ejection is pending.
-    /// Commits pending ejections first; if that fails, so does the IO.
-    async fn serving(&self) -> Result<Vec<Arc<Member>>, IoError> {
+    /// The view IO goes to: the committed healthy members, less those whose ejection is
+    /// pending, and the replica being rebuilt. Commits pending ejections first; if that fails, so
+    /// does the IO.
+    async fn serving(&self) -> Result<Arc<View>, IoError> {
         if self.deposed.is_cancelled() {
             return Err(IoError::Shutdown);
         }
         if !self.pending.lock().is_empty() {
             self.eject(&[]).await?;
         }
-        let members = self.view.read().members.clone();
-        self.enough(members.len())?;
-        Ok(members)
+        let view = self.view.read().clone();
+        self.enough(view.members.len())?;
+        Ok(view)
     }
 
     /// Runs `op` on every healthy member; succeeds only when all did, after committing the
@@ -477,8 +573,21 @@ impl Volume {
         F: Fn(Arc<Member>) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
-        let members = self.serving().await?;
-        let results = join_all(members.iter().map(|m| op(m.clone()))).await;
+        let view = self.serving().await?;
+        let members = &view.members;
+        let (results, joined) = tokio::join!(join_all(members.iter().map(|m| op(m.clone()))), async {
+            match &view.joining {
+                Some(j) => Some(op(j.clone()).await),
+                None => None,
+            }
+        });
+        // The replica being rebuilt is not a member: its failure ends the rebuild, not the IO.
+        if let (Some(j), Some(Err(e))) = (&view.joining, joined) {
+            if is_deposing(&e) {
+                return Err(self.depose(&e.to_string()));
+            }
+            self.abort_join(&j.id, &format!("it failed a write: {e}"));
+        }
         let mut failed = Vec::new();
         let mut refusals = Vec::new();
         let mut answers = Vec::with_capacity(results.len());
@@ -596,6 +705,12 @@ impl Volume {
     /// every member snapshots, IO resumes. Repeating a snapshot that (partly) exists completes it.
     pub async fn create_snapshot(&self, name: &str) -> Result<(), IoError> {
         let _barrier = self.io_gate.write().await;
+        // A replica half way through its rebuild cannot take the snapshot: its rebuild starts
+        // over and recreates the snapshot from a member.
+        let joining = self.view.read().joining.clone();
+        if let Some(j) = joining {
+            self.abort_join(&j.id, "a snapshot is being taken");
+        }
         let taken = self
             .replicate(|m| {
                 let n = name.to_owned();
@@ -656,12 +771,85 @@ impl Volume {
         Ok(())
     }
 
-    /// Takes a replica out of the configuration (committed like an ejection).
+    /// Takes a replica out of the configuration: a healthy member is ejected (committed like
+    /// any ejection), an ejected one (or one being rebuilt) is forgotten.
     pub async fn remove_replica(&self, id: &str) -> Result<(), IoError> {
-        if !self.view.read().members.iter().any(|m| m.id == id) {
-            return Err(IoError::Invalid(format!("replica {id} is not a healthy member")));
+        let record = self.view.read().record.clone();
+        match record.replica(id).map(|r| r.state) {
+            None => Err(IoError::Invalid(format!("replica {id} is not in the configuration"))),
+            Some(ReplicaState::Healthy) => self.eject(&[id.to_owned()]).await,
+            Some(ReplicaState::Ejected { .. }) => {
+                self.abort_join(id, "it is being removed");
+                self.change_record(|r| {
+                    r.replicas.retain(|x| x.id != id);
+                    Ok(())
+                })
+                .await?;
+                info!(volume_id = %self.cfg.volume_id, replica = id, "removed an ejected replica");
+                Ok(())
+            }
         }
-        self.eject(&[id.to_owned()]).await
+    }
+
+    /// Adds a replica to the configuration; it joins through a full rebuild.
+    pub async fn add_replica(&self, id: &str, addr: &str) -> Result<(), IoError> {
+        if id.is_empty() || addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(IoError::Invalid(format!(
+                "replica needs an id and an IP:port address, got {id:?} {addr:?}"
+            )));
+        }
+        self.change_record(|r| {
+            if let Some(x) = r.replica(id) {
+                return if x.addr == addr {
+                    Ok(())
+                } else {
+                    Err(IoError::Invalid(format!(
+                        "replica {id} is already in the configuration at {}",
+                        x.addr
+                    )))
+                };
+            }
+            let epoch = r.epoch;
+            r.replicas.push(ReplicaRecord {
+                id: id.to_owned(),
+                addr: addr.to_owned(),
+                state: ReplicaState::Ejected { epoch },
+                store_id: None,
+                tracked_since: epoch,
+                missed_regions: Vec::new(),
+            });
+            Ok(())
+        })
+        .await?;
+        info!(volume_id = %self.cfg.volume_id, replica = id, addr, "added a replica; it joins by a full rebuild");
+        self.rebuild.wake.notify_one();
+        Ok(())
+    }
+
+    /// Changes the record (same epoch) by compare-and-set, serialised with membership changes.
+    async fn change_record(
+        &self,
+        f: impl FnOnce(&mut Membership) -> Result<(), IoError>,
+    ) -> Result<(), IoError> {
+        let _serial = self.change.lock().await;
+        let view = self.view.read().clone();
+        let mut record = view.record.clone();
+        f(&mut record)?;
+        if record == view.record {
+            return Ok(());
+        }
+        let (a, r, expected) = (self.authority.clone(), record.clone(), view.version);
+        let version = match blocking_authority(move || a.compare_and_set(Some(expected), &r)).await {
+            Ok(v) => v,
+            Err(AuthorityError::Conflict { .. }) => {
+                return Err(self.depose("membership changed by someone else"));
+            }
+            Err(e) => return Err(IoError::Io(e.to_string())),
+        };
+        let mut next = self.view.write();
+        *next =
+            Arc::new(View { version, record, members: next.members.clone(), joining: next.joining.clone() });
+        Ok(())
     }
 
     /// How long each healthy member has been silent.
@@ -702,7 +890,7 @@ impl Backend for Volume {
             if self.deposed.is_cancelled() {
                 return Err(IoError::Shutdown);
             }
-            let members = self.serving().await?;
+            let members = self.serving().await?.members.clone();
             // A closed connection may mean a newer engine fenced that member: find out (the
             // ejection's CAS deposes this engine if so) before serving a possibly stale read.
             let closed: Vec<String> =
@@ -728,7 +916,7 @@ impl Backend for Volume {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         let _io = self.io_gate.read().await;
-        let _w = self.writes.begin();
+        let _w = self.writes.begin(offset, data.len() as u64);
         let _g = self.ranges.lock(offset, offset + data.len() as u64).await;
         self.replicate(|m| {
             let d = data.clone();
@@ -745,7 +933,7 @@ impl Backend for Volume {
 
     async fn trim(&self, offset: u64, len: u32) -> Result<(), IoError> {
         let _io = self.io_gate.read().await;
-        let _w = self.writes.begin();
+        let _w = self.writes.begin(offset, u64::from(len));
         let _g = self.ranges.lock(offset, offset + u64::from(len)).await;
         self.replicate(|m| async move { m.client.unmap(offset, len).await }).await.map(drop)
     }
@@ -753,7 +941,7 @@ impl Backend for Volume {
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
         let _io = self.io_gate.read().await;
         {
-            let _w = self.writes.begin();
+            let _w = self.writes.begin(offset, u64::from(len));
             let _g = self.ranges.lock(offset, offset + u64::from(len)).await;
             self.replicate(|m| async move { m.client.write_zeroes(offset, len).await }).await?;
         }
