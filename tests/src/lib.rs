@@ -44,6 +44,19 @@ impl ReplicaProcess {
         Self::start_at(dir, volume_id, token_file, size, log, None)
     }
 
+    /// Like [`ReplicaProcess::start_at`], inside network namespace `netns`.
+    pub fn start_in_netns(
+        netns: &str,
+        dir: &Path,
+        volume_id: &str,
+        token_file: &Path,
+        size: Option<&str>,
+        log: &Path,
+        listen: SocketAddr,
+    ) -> ReplicaProcess {
+        Self::spawn(Some(netns), dir, volume_id, token_file, size, log, Some(listen))
+    }
+
     /// Starts it again (after [`ReplicaProcess::kill`]) on the same store and data address.
     pub fn restart(&mut self) {
         self.kill();
@@ -60,9 +73,21 @@ impl ReplicaProcess {
         log: &Path,
         listen: Option<SocketAddr>,
     ) -> ReplicaProcess {
+        Self::spawn(None, dir, volume_id, token_file, size, log, listen)
+    }
+
+    fn spawn(
+        netns: Option<&str>,
+        dir: &Path,
+        volume_id: &str,
+        token_file: &Path,
+        size: Option<&str>,
+        log: &Path,
+        listen: Option<SocketAddr>,
+    ) -> ReplicaProcess {
         let ready = dir.with_extension("ready");
         let _ = std::fs::remove_file(&ready);
-        let mut cmd = Command::new(binary("barnacle-replica"));
+        let mut cmd = in_netns(netns, &binary("barnacle-replica"));
         cmd.arg("--dir").arg(dir).arg("--volume-id").arg(volume_id).arg("--token-file").arg(token_file);
         cmd.arg("--ready-file").arg(&ready);
         if let Some(s) = size {
@@ -110,6 +135,19 @@ impl ReplicaProcess {
 impl Drop for ReplicaProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A command running `program`, inside network namespace `netns` if given (`ip netns exec`
+/// execs it, so the child's pid is the program's).
+fn in_netns(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
     }
 }
 
@@ -210,9 +248,27 @@ impl EngineProcess {
         extra: &[&str],
         log: &Path,
     ) -> EngineProcess {
-        let ready = state_dir.join("engine.ready");
+        Self::start_in(None, volume_id, token_file, replicas, state_dir, extra, log)
+    }
+
+    /// Like [`EngineProcess::start`], inside network namespace `netns` if given (its NBD, metrics
+    /// and management addresses are then that namespace's loopback: reach the export through a
+    /// unix socket passed in `extra`).
+    pub fn start_in(
+        netns: Option<&str>,
+        volume_id: &str,
+        token_file: &Path,
+        replicas: &[(String, SocketAddr)],
+        state_dir: &Path,
+        extra: &[&str],
+        log: &Path,
+    ) -> EngineProcess {
+        // Unique per start: two engines may share one state directory (one authority).
+        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ready = state_dir.join(format!("engine-{n}.ready"));
         let _ = std::fs::remove_file(&ready);
-        let mut cmd = Command::new(binary("barnacle-engine"));
+        let mut cmd = in_netns(netns, &binary("barnacle-engine"));
         cmd.arg("--volume-id").arg(volume_id).arg("--token-file").arg(token_file);
         cmd.arg("--state-dir").arg(state_dir).arg("--nbd-listen").arg("127.0.0.1:0");
         cmd.arg("--ready-file").arg(&ready).args(extra);

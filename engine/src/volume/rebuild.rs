@@ -306,7 +306,8 @@ impl Volume {
             // just before it runs, since the target's head changes with every step.
             let mut estimates = Vec::new();
             for s in &src[first_missing..] {
-                let n = self.copy_set(source, target, mode, Some(&s.name)).await?.len() as u64 * INTENT_REGION;
+                let n =
+                    self.copy_set(source, target, mode, Some(&s.name)).await?.len() as u64 * INTENT_REGION;
                 progress.total_bytes += n;
                 estimates.push(n);
             }
