@@ -79,3 +79,12 @@ pub async fn serve<L: Accept, B: nbd::Backend>(
     tracker.close();
     tracker.wait().await;
 }
+
+/// Whether `addr` is a replica data address: `IP:PORT`, or `unix:/PATH` for a replica on this
+/// node.
+pub fn valid_replica_address(addr: &str) -> bool {
+    match addr.strip_prefix("unix:") {
+        Some(path) => path.starts_with('/') && path.len() > 1,
+        None => addr.parse::<std::net::SocketAddr>().is_ok(),
+    }
+}

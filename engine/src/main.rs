@@ -68,10 +68,10 @@ struct Args {
 
 fn parse_replica(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
-        Some((id, addr)) if !id.is_empty() && addr.parse::<std::net::SocketAddr>().is_ok() => {
+        Some((id, addr)) if !id.is_empty() && barnacle_engine::valid_replica_address(addr) => {
             Ok((id.to_owned(), addr.to_owned()))
         }
-        _ => Err(format!("{s:?} is not ID=HOST:PORT (e.g. r0=127.0.0.1:7400)")),
+        _ => Err(format!("{s:?} is not ID=HOST:PORT or ID=unix:/PATH (e.g. r0=127.0.0.1:7400)")),
     }
 }
 
@@ -80,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
     barnacle_replica::process::init_tracing();
     let args = Args::parse();
     barnacle_replica::process::set_io_flusher();
+    barnacle_replica::process::tune_malloc();
     anyhow::ensure!(
         args.nbd_listen.is_some() || args.nbd_socket.is_some(),
         "give --nbd-listen or --nbd-socket"

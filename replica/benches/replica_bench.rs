@@ -151,7 +151,7 @@ async fn main() {
     let mgmt = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = data.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    tokio::spawn(barnacle_replica::run(data, mgmt, replica, shutdown.clone()));
+    tokio::spawn(barnacle_replica::run(data, None, mgmt, replica, shutdown.clone()));
     let engine = Uuid::new_v4();
     let client = ReplicaClient::connect(
         addr,

@@ -128,13 +128,42 @@ fn parse<T: serde::de::DeserializeOwned>(r: &Reply) -> Result<T, ClientError> {
 }
 
 impl ReplicaClient {
-    /// Connects, sends the hello, and waits for the replica to accept it.
+    /// Connects over TCP, sends the hello, and waits for the replica to accept it.
     pub async fn connect(addr: SocketAddr, cfg: ClientConfig) -> Result<ReplicaClient, ClientError> {
         let stream = tokio::time::timeout(cfg.request_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ClientError::Timeout(cfg.request_timeout))??;
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
+        Self::start(Box::new(rd), Box::new(wr), cfg).await
+    }
+
+    /// Connects to `address`: `HOST:PORT` (TCP) or `unix:PATH` (a replica on this node).
+    pub async fn connect_to(address: &str, cfg: ClientConfig) -> Result<ReplicaClient, ClientError> {
+        match address.strip_prefix("unix:") {
+            Some(path) => {
+                let stream = tokio::time::timeout(cfg.request_timeout, tokio::net::UnixStream::connect(path))
+                    .await
+                    .map_err(|_| ClientError::Timeout(cfg.request_timeout))??;
+                let (rd, wr) = stream.into_split();
+                Self::start(Box::new(rd), Box::new(wr), cfg).await
+            }
+            None => {
+                let addr = address.parse().map_err(|e| {
+                    ClientError::Protocol(format!(
+                        "replica address {address:?} is not HOST:PORT or unix:PATH: {e}"
+                    ))
+                })?;
+                Self::connect(addr, cfg).await
+            }
+        }
+    }
+
+    async fn start(
+        rd: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+        wr: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+        cfg: ClientConfig,
+    ) -> Result<ReplicaClient, ClientError> {
         let mut reader = FramedRead::new(rd, ClientCodec::default());
         let mut writer = FramedWrite::new(wr, ClientCodec::default());
         let hello = Hello {

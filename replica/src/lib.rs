@@ -2,7 +2,7 @@
 //!
 //! - [`store`]: the thin, copy-on-write store (data file + RocksDB metadata).
 //! - [`wire`]: the engine-replica data protocol's frames and their codec.
-//! - [`server`]: the data protocol server over TCP.
+//! - [`server`]: the data protocol server over TCP and unix sockets.
 //! - [`client`]: a pipelined client of that protocol (used by the engine, tests and benchmarks).
 //! - [`mgmt`]: the gRPC management API (create, open, delete, snapshots, clone, resize, stat).
 
@@ -22,14 +22,17 @@ pub use store::Store;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Serves `replica` on the data listener and the management listener until `shutdown` fires.
+/// Serves `replica` on the data listener (and a unix socket, if given) and the management
+/// listener until `shutdown` fires.
 pub async fn run(
     data: TcpListener,
+    data_unix: Option<tokio::net::UnixListener>,
     mgmt: TcpListener,
     replica: Arc<server::Replica>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let data_task = tokio::spawn(server::serve(data, replica.clone(), shutdown.clone()));
+    let unix_task = data_unix.map(|l| tokio::spawn(server::serve(l, replica.clone(), shutdown.clone())));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(mgmt);
     let sd = shutdown.clone();
     let res = tonic::transport::Server::builder()
@@ -38,5 +41,8 @@ pub async fn run(
         .await;
     shutdown.cancel();
     let _ = data_task.await;
+    if let Some(t) = unix_task {
+        let _ = t.await;
+    }
     res
 }

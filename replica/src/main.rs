@@ -27,6 +27,10 @@ struct Args {
     /// Address of the data protocol listener.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
+    /// Also serve the data protocol on this unix socket (created 0600), for an engine on the same
+    /// node: the data path then skips the TCP stack.
+    #[arg(long)]
+    listen_unix: Option<PathBuf>,
     /// Address of the gRPC management listener.
     #[arg(long, default_value = "127.0.0.1:0")]
     mgmt_listen: String,
@@ -56,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     barnacle_replica::process::init_tracing();
     let args = Args::parse();
     barnacle_replica::process::set_io_flusher();
+    barnacle_replica::process::tune_malloc();
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("reading token file {}", args.token_file.display()))?
         .trim()
@@ -80,10 +85,24 @@ async fn main() -> anyhow::Result<()> {
     let mgmt = tokio::net::TcpListener::bind(&args.mgmt_listen)
         .await
         .with_context(|| format!("binding {}", args.mgmt_listen))?;
+    let data_unix = match &args.listen_unix {
+        Some(path) => {
+            // A stale socket of an earlier run would make bind fail.
+            let _ = std::fs::remove_file(path);
+            let l = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("binding {}", path.display()))?;
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            Some(l)
+        }
+        None => None,
+    };
     let (data_addr, mgmt_addr) = (data.local_addr()?, mgmt.local_addr()?);
     info!(volume_id = %args.volume_id, data = %data_addr, mgmt = %mgmt_addr, dir = %args.dir.display(), "replica serving");
     if let Some(path) = &args.ready_file {
-        let body = serde_json::json!({ "data": data_addr.to_string(), "mgmt": mgmt_addr.to_string(), "pid": std::process::id() });
+        let mut body = serde_json::json!({ "data": data_addr.to_string(), "mgmt": mgmt_addr.to_string(), "pid": std::process::id() });
+        if let Some(path) = &args.listen_unix {
+            body["data_unix"] = format!("unix:{}", path.display()).into();
+        }
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, body.to_string())?;
         std::fs::rename(&tmp, path)?;
@@ -102,6 +121,6 @@ async fn main() -> anyhow::Result<()> {
         info!("shutting down");
         sd.cancel();
     });
-    barnacle_replica::run(data, mgmt, replica, shutdown).await?;
+    barnacle_replica::run(data, data_unix, mgmt, replica, shutdown).await?;
     Ok(())
 }

@@ -9,7 +9,6 @@
 //! older-epoch connection and waits for its in-flight requests before it answers.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,7 +16,8 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use parking_lot::{Mutex, RwLock};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -107,7 +107,7 @@ struct Authority {
 #[derive(Debug)]
 struct Conn {
     id: u64,
-    peer: SocketAddr,
+    peer: String,
     authority: Mutex<Authority>,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -303,8 +303,54 @@ impl Replica {
     }
 }
 
+type Rd = Box<dyn AsyncRead + Send + Unpin>;
+type Wr = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Where the data protocol is served: TCP, or a unix socket for an engine on the same node (no
+/// TCP stack on the data path; the socket file's permissions guard it).
+#[derive(Debug)]
+pub enum DataListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl From<TcpListener> for DataListener {
+    fn from(l: TcpListener) -> Self {
+        DataListener::Tcp(l)
+    }
+}
+
+impl From<UnixListener> for DataListener {
+    fn from(l: UnixListener) -> Self {
+        DataListener::Unix(l)
+    }
+}
+
+impl DataListener {
+    async fn accept(&self) -> std::io::Result<(Rd, Wr, String)> {
+        match self {
+            DataListener::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                let (rd, wr) = stream.into_split();
+                Ok((Box::new(rd), Box::new(wr), peer.to_string()))
+            }
+            DataListener::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                let peer = match stream.peer_cred() {
+                    Ok(c) => format!("unix pid {}", c.pid().unwrap_or(0)),
+                    Err(_) => "unix".to_owned(),
+                };
+                let (rd, wr) = stream.into_split();
+                Ok((Box::new(rd), Box::new(wr), peer))
+            }
+        }
+    }
+}
+
 /// Accepts connections until `shutdown` fires.
-pub async fn serve(listener: TcpListener, replica: Arc<Replica>, shutdown: CancellationToken) {
+pub async fn serve(listener: impl Into<DataListener>, replica: Arc<Replica>, shutdown: CancellationToken) {
+    let listener = listener.into();
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -313,7 +359,7 @@ pub async fn serve(listener: TcpListener, replica: Arc<Replica>, shutdown: Cance
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, peer)) => {
+            Ok((rd, wr, peer)) => {
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     warn!(volume_id = %replica.cfg.volume_id, %peer, "refused connection: too many connections");
                     continue;
@@ -323,7 +369,7 @@ pub async fn serve(listener: TcpListener, replica: Arc<Replica>, shutdown: Cance
                 let span = info_span!("conn", volume_id = %replica.cfg.volume_id, %peer);
                 tracker.spawn(
                     async move {
-                        handle_conn(r, stream, peer, sd).await;
+                        handle_conn(r, rd, wr, peer, sd).await;
                         drop(slot);
                     }
                     .instrument(span),
@@ -341,8 +387,8 @@ pub async fn serve(listener: TcpListener, replica: Arc<Replica>, shutdown: Cance
 
 async fn handshake(
     replica: &Replica,
-    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, ServerCodec>,
-    writer: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, ServerCodec>,
+    reader: &mut FramedRead<Rd, ServerCodec>,
+    writer: &mut FramedWrite<Wr, ServerCodec>,
 ) -> Option<(u64, Uuid)> {
     let first = tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await;
     let (id, hello) = match first {
@@ -405,14 +451,7 @@ async fn handshake(
     }
 }
 
-async fn handle_conn(
-    replica: Arc<Replica>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    shutdown: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
+async fn handle_conn(replica: Arc<Replica>, rd: Rd, wr: Wr, peer: String, shutdown: CancellationToken) {
     let mut reader = FramedRead::new(rd, ServerCodec { max_frame: PRE_AUTH_MAX_FRAME });
     let mut writer = FramedWrite::new(wr, ServerCodec::default());
     let Some(authority) = handshake(&replica, &mut reader, &mut writer).await else { return };

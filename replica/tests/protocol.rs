@@ -28,6 +28,8 @@ const MIB: u64 = 1 << 20;
 struct Server {
     data: SocketAddr,
     mgmt: SocketAddr,
+    /// The same data protocol on a unix socket.
+    unix: String,
     replica: Arc<Replica>,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
@@ -53,9 +55,11 @@ async fn server_with(idle: Duration, size: u64) -> Server {
     let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mgmt = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (da, ma) = (data.local_addr().unwrap(), mgmt.local_addr().unwrap());
+    let sock = dir.path().join("data.sock");
+    let unix = tokio::net::UnixListener::bind(&sock).unwrap();
     let shutdown = CancellationToken::new();
-    tokio::spawn(barnacle_replica::run(data, mgmt, replica.clone(), shutdown.clone()));
-    Server { data: da, mgmt: ma, replica, shutdown, _dir: dir }
+    tokio::spawn(barnacle_replica::run(data, Some(unix), mgmt, replica.clone(), shutdown.clone()));
+    Server { data: da, mgmt: ma, unix: format!("unix:{}", sock.display()), replica, shutdown, _dir: dir }
 }
 
 async fn server() -> Server {
@@ -533,4 +537,27 @@ async fn the_client_gives_up_on_a_replica_that_stopped_answering() {
         .unwrap_err();
     assert!(matches!(e, ClientError::Closed), "{e}");
     assert!(c.is_closed() && c.silence() >= Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn the_protocol_works_the_same_over_a_unix_socket() {
+    let s = server().await;
+    let engine = Uuid::new_v4();
+    let c = ReplicaClient::connect_to(&s.unix, cfg(1, engine)).await.unwrap();
+    c.fence(1, engine).await.unwrap();
+    let data = Bytes::from(vec![0x3cu8; 256 * 1024]);
+    c.write(4096, data.clone(), true).await.unwrap();
+    assert_eq!(c.read(4096, 256 * 1024).await.unwrap(), data);
+    // The TCP port sees the same store, and a wrong token is refused on the socket too.
+    let t = ReplicaClient::connect(s.data, cfg(1, engine)).await.unwrap();
+    assert_eq!(t.read(4096, 4096).await.unwrap(), data.slice(..4096));
+    let mut bad = cfg(1, engine);
+    bad.token = "nope".into();
+    let e = ReplicaClient::connect_to(&s.unix, bad).await.err().unwrap();
+    assert_eq!(e.status(), Some(Status::Auth));
+    // Malformed addresses are refused before connecting.
+    assert!(matches!(
+        ReplicaClient::connect_to("nowhere", cfg(1, engine)).await,
+        Err(ClientError::Protocol(_))
+    ));
 }

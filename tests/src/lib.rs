@@ -25,6 +25,8 @@ pub struct ReplicaProcess {
     pub child: Child,
     pub data: SocketAddr,
     pub mgmt: SocketAddr,
+    /// The data protocol on a unix socket, as an engine address (`unix:PATH`).
+    pub unix: String,
     dir: PathBuf,
     volume_id: String,
     token_file: PathBuf,
@@ -96,6 +98,8 @@ impl ReplicaProcess {
         if let Some(a) = listen {
             cmd.arg("--listen").arg(a.to_string());
         }
+        let sock = dir.with_extension("sock");
+        cmd.arg("--listen-unix").arg(&sock);
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
         let mut child = cmd.spawn().unwrap();
@@ -109,6 +113,7 @@ impl ReplicaProcess {
                     child,
                     data,
                     mgmt,
+                    unix: format!("unix:{}", sock.display()),
                     dir: dir.to_owned(),
                     volume_id: volume_id.to_owned(),
                     token_file: token_file.to_owned(),

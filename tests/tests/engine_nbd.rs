@@ -35,9 +35,12 @@ fn cluster(n: usize) -> Cluster {
             )
         })
         .collect();
+    // r0 is reached over its unix socket (a replica on the engine's node), the others over TCP.
     let ids: Vec<(String, SocketAddr)> =
-        replicas.iter().enumerate().map(|(i, r)| (format!("r{i}"), r.data)).collect();
-    let engine = EngineProcess::start(VOL, &token, &ids, &root.path().join("engine"), &[], &log);
+        replicas.iter().enumerate().skip(1).map(|(i, r)| (format!("r{i}"), r.data)).collect();
+    let local = format!("r0={}", replicas[0].unix);
+    let engine =
+        EngineProcess::start(VOL, &token, &ids, &root.path().join("engine"), &["--replica", &local], &log);
     Cluster { root, replicas, engine }
 }
 

@@ -69,7 +69,15 @@ impl Net {
             for r in routes {
                 run_ok(
                     "ip",
-                    &["-n", ns, "route", "replace", &format!("{r}/32"), "via", &format!("10.77.{subnet}.{peer}")],
+                    &[
+                        "-n",
+                        ns,
+                        "route",
+                        "replace",
+                        &format!("{r}/32"),
+                        "via",
+                        &format!("10.77.{subnet}.{peer}"),
+                    ],
                 );
             }
         }

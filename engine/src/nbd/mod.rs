@@ -353,8 +353,25 @@ where
                     Err(e) => break Err(e.into()),
                 }
             } else {
-                let mut buf = BytesMut::zeroed(h.length as usize);
-                if let Err(e) = rd.read_exact(&mut buf).await {
+                // Read straight into uninitialised capacity: no zeroing of every payload.
+                let len = h.length as usize;
+                let mut buf = BytesMut::with_capacity(len);
+                let mut failed = None;
+                while buf.len() < len {
+                    let want = (len - buf.len()) as u64;
+                    match (&mut rd).take(want).read_buf(&mut buf).await {
+                        Ok(0) => {
+                            failed = Some(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if let Some(e) = failed {
                     break Err(e.into());
                 }
                 Some(buf.freeze())

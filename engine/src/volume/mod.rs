@@ -239,13 +239,9 @@ impl Volume {
     }
 
     async fn connect(cfg: ClientConfig, r: &ReplicaRecord) -> Result<ReplicaClient, ClientError> {
-        let addr = r
-            .addr
-            .parse()
-            .map_err(|e| ClientError::Protocol(format!("replica {} address {:?}: {e}", r.id, r.addr)))?;
         let epoch = cfg.epoch;
         let engine = cfg.engine_id;
-        let client = ReplicaClient::connect(addr, cfg).await?;
+        let client = ReplicaClient::connect_to(&r.addr, cfg).await?;
         client.fence(epoch, engine).await?;
         Ok(client)
     }
@@ -793,9 +789,9 @@ impl Volume {
 
     /// Adds a replica to the configuration; it joins through a full rebuild.
     pub async fn add_replica(&self, id: &str, addr: &str) -> Result<(), IoError> {
-        if id.is_empty() || addr.parse::<std::net::SocketAddr>().is_err() {
+        if id.is_empty() || !crate::valid_replica_address(addr) {
             return Err(IoError::Invalid(format!(
-                "replica needs an id and an IP:port address, got {id:?} {addr:?}"
+                "replica needs an id and an IP:PORT or unix:/PATH address, got {id:?} {addr:?}"
             )));
         }
         self.change_record(|r| {
