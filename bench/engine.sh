@@ -34,13 +34,14 @@ field() { # ready-file key
   python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
 }
 
-start_replica() { # dir; sets $addr to its data address
+start_replica() { # dir; sets $addr to its TCP data address and $local to its unix socket
   local dir=$1
   "$BIN/barnacle-replica" --dir "$dir" --volume-id bench --token-file "$work/token" \
-    --size "${SIZE_MIB}MiB" --ready-file "$dir.ready" >/dev/null 2>>"$work/log" &
+    --size "${SIZE_MIB}MiB" --listen-unix "$dir.sock" --ready-file "$dir.ready" >/dev/null 2>>"$work/log" &
   pids+=($!)
   wait_ready "$dir.ready"
   addr=$(field "$dir.ready" data)
+  local="unix:$dir.sock"
 }
 
 start_engine() { # name replica-addr...; sets $uri to its NBD URI
@@ -61,8 +62,11 @@ truncate -s "${SIZE_MIB}M" "$work/qemu.img"
 qemu-nbd -f raw -x bench -b 127.0.0.1 -p 10899 -t --aio=threads "$work/qemu.img" >/dev/null 2>>"$work/log" &
 pids+=($!)
 sleep 1
-start_replica "$work/r1-0"; start_engine e1 "$addr"; one=$uri
-start_replica "$work/r3-0"; a0=$addr
+# Barnacle as in a cluster: the engine on the attaching node reaches the replica on its own node
+# over a unix socket and the others over TCP. barnacle-1-tcp shows the single replica over TCP.
+start_replica "$work/r1-0"; start_engine e1 "$local"; one=$uri
+start_replica "$work/r1t-0"; start_engine e1t "$addr"; onetcp=$uri
+start_replica "$work/r3-0"; a0=$local
 start_replica "$work/r3-1"; a1=$addr
 start_replica "$work/r3-2"; a2=$addr
 start_engine e3 "$a0" "$a1" "$a2"; three=$uri
@@ -70,9 +74,10 @@ declare -A target=(
   [raw]="--ioengine=io_uring --direct=1 --filename=$work/raw.img"
   [qemu-nbd]="--ioengine=nbd --uri=nbd://127.0.0.1:10899/bench"
   [barnacle-1]="--ioengine=nbd --uri=$one"
+  [barnacle-1-tcp]="--ioengine=nbd --uri=$onetcp"
   [barnacle-3]="--ioengine=nbd --uri=$three"
 )
-order=(raw qemu-nbd barnacle-1 barnacle-3)
+order=(raw qemu-nbd barnacle-1 barnacle-1-tcp barnacle-3)
 
 # Fill every target first, so reads read data rather than holes.
 for t in "${order[@]}"; do
@@ -102,11 +107,12 @@ ticks() { for p in $idle_pids; do awk '{print $14 + $15}' "/proc/$p/stat"; done 
 t0=$(ticks); sleep "$IDLE_SECONDS"; t1=$(ticks)
 hz=$(getconf CLK_TCK)
 rss=$(for p in $idle_pids; do awk '/VmRSS/ {print $2}' "/proc/$p/status"; done | sort -n | tail -1)
+hwm=$(for p in $idle_pids; do awk '/VmHWM/ {print $2}' "/proc/$p/status"; done | sort -n | tail -1)
 
-python3 - "$work" "$RUNTIME" "$(( t1 - t0 ))" "$hz" "$IDLE_SECONDS" "$rss" <<'PY'
+python3 - "$work" "$RUNTIME" "$(( t1 - t0 ))" "$hz" "$IDLE_SECONDS" "$rss" "$hwm" <<'PY'
 import json, sys
-work, runtime, dticks, hz, idle, rss = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-order = ["raw", "qemu-nbd", "barnacle-1", "barnacle-3"]
+work, runtime, dticks, hz, idle, rss, hwm = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+order = ["raw", "qemu-nbd", "barnacle-1", "barnacle-1-tcp", "barnacle-3"]
 jobs = [("randread4k", "read", "iops"), ("randwrite4k", "write", "iops"), ("read128k", "read", "bw"),
         ("write128k", "write", "bw"), ("randwrite4k-qd1", "write", "lat")]
 def fig(job, t, side, kind):
@@ -135,5 +141,5 @@ for job, side, kind in jobs:
         cells.append(cell)
     print(f"| {job} | " + " | ".join(cells) + " |")
 cpu = dticks / hz / idle * 100
-print(f"\nidle, engine + 3 replicas over {idle} s: {cpu:.2f} % of one core in total; largest resident set {rss / 1024:.1f} MiB")
+print(f"\nidle, engine + 3 replicas over {idle} s: {cpu:.2f} % of one core in total; largest resident set {rss / 1024:.1f} MiB (peak during the run {hwm / 1024:.1f} MiB)")
 PY

@@ -67,6 +67,7 @@ fn fio(uri: &str, out: &Path) -> std::process::Child {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--randrepeat=0",
             "--output-format=json",
             &format!("--output={}", out.display()),
@@ -266,5 +267,27 @@ async fn a_replica_down_at_start_leaves_the_configuration() {
     run_ok(
         "qemu-io",
         &["-f", "raw", &engine.uri(VOL), "-c", "write -P 0x21 0 64k", "-c", "read -P 0x21 0 64k"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_silent_beyond_the_lease_is_ejected_before_io_is_served() {
+    let s = setup(3);
+    // Beats every second, so a silent connection is closed only after four seconds; the lease is
+    // 0.5 s + 2 beats = 2.5 s. At three seconds only the lease can notice the hung replica.
+    let engine = s.engine("engine", &["--replica-timeout-ms", "500", "--heartbeat-ms", "1000"]);
+    let uri = engine.uri(VOL);
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x33 0 64k"]);
+    kill(pid(&s.replicas[2].child), Signal::SIGSTOP).unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // Reads go round robin; without the lease most would be served without noticing r2 at all.
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x33 0 64k"]);
+    kill(pid(&s.replicas[2].child), Signal::SIGCONT).unwrap();
+    let m = s.membership("engine");
+    assert_eq!(m["replicas"][2]["state"], "ejected", "{m}");
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("no answer within the lease") && l.contains("r2")),
+        "r2 was not ejected by the lease check"
     );
 }

@@ -132,6 +132,7 @@ async fn third_party_nbd_clients_agree_with_three_replicas() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--randrepeat=0",
             "--output-format=json",
             &format!("--output={}", fio_json.display()),

@@ -106,6 +106,7 @@ fn fio(uri: &str, size: &str, out: &Path) -> std::process::Child {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--randrepeat=0",
             "--output-format=json",
             &format!("--output={}", out.display()),

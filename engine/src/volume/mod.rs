@@ -557,9 +557,29 @@ impl Volume {
         if !self.pending.lock().is_empty() {
             self.eject(&[]).await?;
         }
-        let view = self.view.read().clone();
+        let mut view = self.view.read().clone();
+        // Rule 3: serve only while every member answered within the lease. A member silent
+        // longer may already obey a successor (which waits replica timeout + 4 beats before
+        // serving, longer than this lease), so it leaves the configuration first; the
+        // ejection's compare-and-set finds out whether this engine is still the holder.
+        if let Some(lease) = self.lease() {
+            let silent: Vec<String> =
+                view.members.iter().filter(|m| m.client.silence() > lease).map(|m| m.id.clone()).collect();
+            if !silent.is_empty() {
+                warn!(volume_id = %self.cfg.volume_id, replicas = ?silent, ?lease, "no answer within the lease; ejecting");
+                self.eject(&silent).await?;
+                view = self.view.read().clone();
+            }
+        }
         self.enough(view.members.len())?;
         Ok(view)
+    }
+
+    /// How long a member may stay silent while this engine serves IO: longer than a heartbeat
+    /// interval (a healthy member answers every beat), shorter than the wait of a successor
+    /// that could not fence it. `None` without heartbeats.
+    fn lease(&self) -> Option<Duration> {
+        (!self.cfg.heartbeat.is_zero()).then(|| self.cfg.replica_timeout + self.cfg.heartbeat * 2)
     }
 
     /// Runs `op` on every healthy member; succeeds only when all did, after committing the
