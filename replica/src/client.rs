@@ -420,7 +420,15 @@ impl ReplicaClient {
     }
 
     pub async fn snapshot_create(&self, name: &str) -> Result<(), ClientError> {
-        self.call(Op::SnapshotCreate { name: name.to_owned() }).await.map(drop)
+        self.call(Op::SnapshotCreate { name: name.to_owned(), created_unix: None }).await.map(drop)
+    }
+
+    /// Creates snapshot `name` recording `created_unix` as its creation time (a rebuild
+    /// recreating another replica's snapshot).
+    pub async fn snapshot_create_at(&self, name: &str, created_unix: u64) -> Result<(), ClientError> {
+        self.call(Op::SnapshotCreate { name: name.to_owned(), created_unix: Some(created_unix) })
+            .await
+            .map(drop)
     }
 
     pub async fn snapshot_delete(&self, name: &str) -> Result<(), ClientError> {

@@ -704,8 +704,8 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
         Op::WriteZeroes { offset, len } => {
             blocking(move || store.write_zeroes(offset, u64::from(len)).map(|()| Bytes::new())).await
         }
-        Op::SnapshotCreate { name } => {
-            blocking(move || store.create_snapshot(&name).map(|_| Bytes::new())).await
+        Op::SnapshotCreate { name, created_unix } => {
+            blocking(move || store.create_snapshot_at(&name, created_unix).map(|_| Bytes::new())).await
         }
         Op::SnapshotDelete { name } => {
             blocking(move || store.delete_snapshot(&name).map(|_| Bytes::new())).await

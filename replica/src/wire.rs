@@ -27,6 +27,8 @@ const REPLY_HEADER: usize = 16;
 
 /// Request flag: the write is durable before it is acknowledged.
 pub const FLAG_FUA: u8 = 1;
+/// SNAPSHOT_CREATE flag: `offset` carries the creation time to record (unix seconds).
+pub const FLAG_CREATED: u8 = 2;
 /// Reply flag: more replies follow for this id (streams).
 pub const FLAG_MORE: u16 = 1;
 
@@ -194,6 +196,8 @@ pub enum Op {
     },
     SnapshotCreate {
         name: String,
+        /// Creation time to record instead of now (unix seconds).
+        created_unix: Option<u64>,
     },
     SnapshotDelete {
         name: String,
@@ -350,7 +354,10 @@ fn decode_op(code: u8, flags: u8, offset: u64, length: u32, mut body: BytesMut) 
         UNMAP => no_payload(&body, Op::Unmap { offset, len: length }),
         WRITE_ZEROES => no_payload(&body, Op::WriteZeroes { offset, len: length }),
         READ_SNAPSHOT => Ok(Op::ReadSnapshot { name: name_payload(&mut body)?, offset, len: length }),
-        SNAPSHOT_CREATE => Ok(Op::SnapshotCreate { name: name_payload(&mut body)? }),
+        SNAPSHOT_CREATE => Ok(Op::SnapshotCreate {
+            name: name_payload(&mut body)?,
+            created_unix: (flags & FLAG_CREATED != 0).then_some(offset),
+        }),
         SNAPSHOT_DELETE => Ok(Op::SnapshotDelete { name: name_payload(&mut body)? }),
         SNAPSHOT_LIST => no_payload(&body, Op::SnapshotList),
         STAT => no_payload(&body, Op::Stat),
@@ -489,8 +496,11 @@ impl Encoder<Request> for ClientCodec {
                 (code, flags, offset, length) = (READ_SNAPSHOT, 0, o, len);
                 payload.put_slice(name.as_bytes());
             }
-            Op::SnapshotCreate { name } => {
-                (code, flags, offset, length) = (SNAPSHOT_CREATE, 0, 0, 0);
+            Op::SnapshotCreate { name, created_unix } => {
+                (code, flags, offset, length) = match created_unix {
+                    Some(t) => (SNAPSHOT_CREATE, FLAG_CREATED, t, 0),
+                    None => (SNAPSHOT_CREATE, 0, 0, 0),
+                };
                 payload.put_slice(name.as_bytes());
             }
             Op::SnapshotDelete { name } => {
@@ -579,7 +589,8 @@ mod tests {
             Op::Unmap { offset: 1 << 40, len: 4096 },
             Op::WriteZeroes { offset: 8192, len: 4096 },
             Op::ReadSnapshot { name: "s1".into(), offset: 0, len: 4096 },
-            Op::SnapshotCreate { name: "s2".into() },
+            Op::SnapshotCreate { name: "s2".into(), created_unix: None },
+            Op::SnapshotCreate { name: "s3".into(), created_unix: Some(1_700_000_000) },
             Op::SnapshotDelete { name: "s2".into() },
             Op::SnapshotList,
             Op::Stat,

@@ -250,9 +250,15 @@ async fn a_new_replica_joins_by_a_full_rebuild_that_recreates_snapshots() {
     engine.stop();
     let addrs: Vec<SocketAddr> = s.replicas.iter().map(|r| r.data).collect();
     let c2 = fenced_client(addrs[2], VOL, TOKEN, epoch).await;
-    let names: Vec<String> = c2.snapshot_list().await.unwrap().into_iter().map(|s| s.name).collect();
+    let recreated = c2.snapshot_list().await.unwrap();
+    let names: Vec<&str> = recreated.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["s1", "s2", "s3"], "snapshots recreated oldest first");
     drop(c2);
+    // Recreated snapshots keep the source's creation time.
+    let original = fenced_client(addrs[0], VOL, TOKEN, epoch).await.snapshot_list().await.unwrap();
+    let times =
+        |l: &[barnacle_replica::wire::SnapshotEntry]| l.iter().map(|s| s.created_unix).collect::<Vec<_>>();
+    assert_eq!(times(&recreated), times(&original));
     for (i, name) in ["s1", "s2", "s3"].into_iter().enumerate() {
         let sums = snapshot_images(&addrs, name, epoch + 1 + i as u64, 40 * MIB).await;
         assert!(sums.iter().all(|x| *x == sums[0]), "snapshot {name} differs between replicas: {sums:?}");
@@ -297,4 +303,36 @@ async fn a_replica_with_another_store_identity_is_rebuilt_in_full() {
     assert!(images[1][..2 * MIB as usize].iter().all(|b| *b == 0x61));
     assert!(images[1][4 * MIB as usize..5 * MIB as usize].iter().all(|b| *b == 0x62));
     assert!(images[0] == images[1], "the recreated replica differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_name_reused_while_a_replica_was_away_forces_a_full_rebuild() {
+    let mut s = setup(3);
+    let mut engine =
+        s.engine(&["--replica-timeout-ms", "1000", "--heartbeat-ms", "200", "--rebuild-retry-ms", "200"]);
+    let uri = engine.uri(VOL);
+    let mut m = manager(&engine).await;
+    let snap = |name: &str| authed(pb::SnapshotRequest { name: name.into() });
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x0a 0 1M"]);
+    m.create_snapshot(snap("s")).await.unwrap();
+    // r1 goes away holding "s" = 0x0a; meanwhile "s" is deleted and taken again over 0x0b.
+    s.replicas[1].kill();
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x0b 0 1M"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !status(&mut m).await.replicas.iter().any(|r| r.id == "r1" && r.state == "ejected") {
+        assert!(Instant::now() < deadline, "r1 was not ejected");
+        run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x0b 0 4k"]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    m.delete_snapshot(snap("s")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    m.create_snapshot(snap("s")).await.unwrap();
+    s.replicas[1].restart();
+    let (st, _) = wait_healthy(&mut m, "r1", 1, &s.log).await;
+    assert_eq!(st.last_rebuild.unwrap().kind, "full", "the reused name must not be trusted");
+    let epoch = st.epoch + 1;
+    engine.stop();
+    let addrs: Vec<SocketAddr> = s.replicas.iter().map(|r| r.data).collect();
+    let sums = snapshot_images(&addrs, "s", epoch, 2 * MIB).await;
+    assert!(sums.iter().all(|x| *x == sums[0]), "snapshot s differs between replicas: {sums:?}");
 }

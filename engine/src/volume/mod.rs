@@ -149,6 +149,9 @@ pub struct Volume {
     /// completes until their ejection is committed (rule 2).
     pending: Mutex<Vec<String>>,
     writes: Arc<WriteTracker>,
+    /// Regions the members whose ejection is pending may lack, gathered over every attempt to
+    /// commit it (a write that failed with an uncommitted ejection still landed on the others).
+    lacking: Mutex<std::collections::BTreeSet<u64>>,
     rebuild: rebuild::RebuildState,
 }
 
@@ -302,6 +305,7 @@ impl Volume {
             resynced: std::sync::atomic::AtomicU64::new(0),
             pending: Mutex::new(Vec::new()),
             writes: Arc::new(WriteTracker::default()),
+            lacking: Mutex::new(std::collections::BTreeSet::new()),
             rebuild: rebuild::RebuildState::default(),
         };
         let attempts = join_all(record.healthy().map(|r| {
@@ -457,6 +461,14 @@ impl Volume {
             }
         }
         loop {
+            // Every write the failed members may have missed in the old epoch is in flight now
+            // (those that failed on them wait for this commit, rule 2), or was gathered by an
+            // earlier attempt that could not commit.
+            {
+                let mut lacking = self.lacking.lock();
+                lacking.extend(self.writes.regions_in_flight());
+                lacking.extend(missed.iter().copied());
+            }
             let view = self.view.read().clone();
             let mut ids: Vec<String> = self.pending.lock().clone();
             // Judged against the committed record, connected or not: a member unreachable at start
@@ -464,6 +476,7 @@ impl Volume {
             ids.retain(|id| view.record.healthy().any(|r| &r.id == id));
             if ids.is_empty() {
                 self.pending.lock().clear();
+                self.lacking.lock().clear();
                 return Ok(());
             }
             let remaining: Vec<Arc<Member>> =
@@ -491,10 +504,7 @@ impl Volume {
             let mut record = view.record.clone();
             record.epoch += 1;
             let epoch = record.epoch;
-            // Every write the ejected members may have missed in the old epoch is in flight now:
-            // those that failed on them wait for this commit (rule 2).
-            let mut lacking = self.writes.regions_in_flight();
-            lacking.extend(missed.iter().copied());
+            let lacking = self.lacking.lock().clone();
             for r in &mut record.replicas {
                 if ids.contains(&r.id) {
                     r.state = ReplicaState::Ejected { epoch };
@@ -524,7 +534,23 @@ impl Volume {
                     }
                 }
             };
-            let fenced = join_all(remaining.iter().map(|m| m.client.fence(epoch, self.cfg.engine_id))).await;
+            // The replica being rebuilt takes the new epoch too, so its written stamps stay right.
+            let fence_joining = async {
+                match &view.joining {
+                    Some(j) => Some((j.clone(), j.client.fence(epoch, self.cfg.engine_id).await)),
+                    None => None,
+                }
+            };
+            let (fenced, joined) = tokio::join!(
+                join_all(remaining.iter().map(|m| m.client.fence(epoch, self.cfg.engine_id))),
+                fence_joining
+            );
+            if let Some((j, Err(e))) = joined {
+                if is_deposing(&e) {
+                    return Err(self.depose(&e.to_string()));
+                }
+                self.abort_join(&j.id, &format!("its fence failed: {e}"));
+            }
             let mut next = Vec::new();
             for (m, r) in remaining.iter().zip(fenced) {
                 match r {
@@ -537,9 +563,16 @@ impl Volume {
                 }
             }
             info!(volume_id = %self.cfg.volume_id, ejected = ?ids, epoch, "ejected replicas");
-            *self.view.write() =
-                Arc::new(View { version, record, members: remaining, joining: view.joining.clone() });
+            {
+                // The joining replica as it is now: a rebuild aborted meanwhile stays aborted.
+                let mut current = self.view.write();
+                let joining = current.joining.clone();
+                *current = Arc::new(View { version, record, members: remaining, joining });
+            }
             let done = next.is_empty();
+            if done {
+                self.lacking.lock().clear();
+            }
             *self.pending.lock() = next;
             if done {
                 return Ok(());
@@ -795,10 +828,16 @@ impl Volume {
             None => Err(IoError::Invalid(format!("replica {id} is not in the configuration"))),
             Some(ReplicaState::Healthy) => self.eject(&[id.to_owned()]).await,
             Some(ReplicaState::Ejected { .. }) => {
-                self.abort_join(id, "it is being removed");
-                self.change_record(|r| {
-                    r.replicas.retain(|x| x.id != id);
-                    Ok(())
+                // Decided under the membership lock, so a rebuild cannot promote it in between.
+                self.change_record(|r| match r.replica(id).map(|x| x.state) {
+                    Some(ReplicaState::Healthy) => Err(IoError::Invalid(format!(
+                        "replica {id} was just rebuilt; remove it again to eject it"
+                    ))),
+                    _ => {
+                        self.abort_join(id, "it is being removed");
+                        r.replicas.retain(|x| x.id != id);
+                        Ok(())
+                    }
                 })
                 .await?;
                 info!(volume_id = %self.cfg.volume_id, replica = id, "removed an ejected replica");

@@ -238,7 +238,7 @@ impl Volume {
         let full = matches!(mode, Mode::Full);
         info!(volume_id = %self.cfg.volume_id, replica = %rec.id, source = %source.id, full, ejected,
               "rebuilding replica");
-        let res = self.run_rebuild(&source, &target, mode, &token).await;
+        let res = self.run_rebuild(&source, &target, rec, mode, &token).await;
         *self.rebuild.current.lock() = None;
         let last = self.rebuild.progress.lock().take();
         if let Err(e) = res {
@@ -259,7 +259,8 @@ impl Volume {
         &self,
         source: &Arc<Member>,
         target: &Arc<Member>,
-        mode: Mode<'_>,
+        rec: &ReplicaRecord,
+        mut mode: Mode<'_>,
         token: &CancellationToken,
     ) -> Result<(), RebuildError> {
         let size = self.size();
@@ -273,10 +274,9 @@ impl Volume {
             target.client.resize(size).await.map_err(on(target))?;
         }
         let mut pacer = Pacer { rate: self.cfg.rebuild_bandwidth, started: Instant::now(), bytes: 0 };
-        let full = matches!(mode, Mode::Full);
         let mut progress = RebuildProgress {
             replica: target.id.clone(),
-            full,
+            full: matches!(mode, Mode::Full),
             phase: "snapshots",
             done_bytes: 0,
             total_bytes: 0,
@@ -285,11 +285,22 @@ impl Volume {
         loop {
             let src = source.client.snapshot_list().await.map_err(on(source))?;
             let tgt = target.client.snapshot_list().await.map_err(on(target))?;
+            // A name the target holds with another creation time was deleted and reused while
+            // it was away: its contents predate the ejection, which the delta does not cover.
+            if matches!(mode, Mode::Delta { .. })
+                && src.iter().any(|s| tgt.iter().any(|t| t.name == s.name && !same_snapshot(s, t)))
+            {
+                info!(volume_id = %self.cfg.volume_id, replica = %target.id,
+                      "a snapshot name was reused while the replica was away: rebuilding in full");
+                mode = Mode::Full;
+                progress.full = true;
+            }
+            let full = matches!(mode, Mode::Full);
             // A full rebuild trusts none of the target's snapshots.
             let first_missing = if full {
                 0
             } else {
-                src.iter().position(|s| !tgt.iter().any(|t| t.name == s.name)).unwrap_or(src.len())
+                src.iter().position(|s| !tgt.iter().any(|t| same_snapshot(s, t))).unwrap_or(src.len())
             };
             let keep: Vec<&str> = if full {
                 Vec::new()
@@ -325,7 +336,7 @@ impl Volume {
                     token,
                 )
                 .await?;
-                target.client.snapshot_create(&s.name).await.map_err(on(target))?;
+                target.client.snapshot_create_at(&s.name, s.created_unix).await.map_err(on(target))?;
                 info!(volume_id = %self.cfg.volume_id, replica = %target.id, snapshot = %s.name, "snapshot recreated");
             }
             // Join under the IO barrier: no write in flight can miss the target, and no snapshot
@@ -335,11 +346,11 @@ impl Volume {
                 return Err(RebuildError::Aborted("before joining".into()));
             }
             let now = source.client.snapshot_list().await.map_err(on(source))?;
-            if now.iter().map(|s| &s.name).ne(src.iter().map(|s| &s.name)) {
+            if now != src {
                 continue;
             }
             let mut view = self.view.write();
-            if view.joining.is_some() || !view.members.iter().any(|m| m.id == source.id) {
+            if view.joining.is_some() || !view.members.iter().any(|m| Arc::ptr_eq(m, source)) {
                 return Err(RebuildError::Other("the configuration changed before the join".into()));
             }
             *view = Arc::new(View {
@@ -358,7 +369,7 @@ impl Volume {
         *self.rebuild.progress.lock() = Some(progress.clone());
         self.copy_regions(source, target, None, &set, &mut progress, &mut pacer, token).await?;
         target.client.flush().await.map_err(on(target))?;
-        self.promote(target, full).await
+        self.promote(target, rec, token).await
     }
 
     /// The regions to examine for one step (a snapshot, or the head with `None`).
@@ -420,21 +431,36 @@ impl Volume {
             pacer.take(INTENT_REGION).await;
             let offset = r * INTENT_REGION;
             let (_io, _range);
-            let limit = match snapshot {
-                Some((_, size)) => size,
-                None => {
-                    _io = self.io_gate.read().await;
-                    let limit = self.size();
-                    _range = self.ranges.lock(offset, offset + INTENT_REGION).await;
-                    limit
-                }
-            };
+            if snapshot.is_none() {
+                _io = self.io_gate.read().await;
+                _range = self.ranges.lock(offset, offset + INTENT_REGION).await;
+            }
+            // A source ejected meanwhile may lack writes the target already has: under the range
+            // lock, no write to this region is in flight, so its membership now decides.
+            if !self.view.read().members.iter().any(|m| std::ptr::eq(m.as_ref(), source)) {
+                return Err(RebuildError::Aborted("the source left the configuration".into()));
+            }
+            // The target's head has the volume's size; a snapshot taken before an expansion
+            // reads as zeros beyond its own size.
+            let limit = self.size();
             if offset < limit {
                 let len = u32::try_from(INTENT_REGION.min(limit - offset)).unwrap_or(u32::MAX);
                 let (src, dst) = tokio::join!(
                     async {
                         match snapshot {
-                            Some((name, _)) => source.client.read_snapshot(name, offset, len).await,
+                            Some((name, size)) => {
+                                let have = u32::try_from(size.saturating_sub(offset).min(u64::from(len)))
+                                    .unwrap_or(len);
+                                let mut data = if have > 0 {
+                                    bytes::BytesMut::from(
+                                        &source.client.read_snapshot(name, offset, have).await?[..],
+                                    )
+                                } else {
+                                    bytes::BytesMut::new()
+                                };
+                                data.resize(len as usize, 0);
+                                Ok(data.freeze())
+                            }
                             None => source.client.read(offset, len).await,
                         }
                     },
@@ -484,26 +510,38 @@ impl Volume {
         Ok(changed)
     }
 
-    /// Marks the rebuilt target healthy by compare-and-set and makes it a full member.
-    async fn promote(&self, target: &Arc<Member>, full: bool) -> Result<(), RebuildError> {
-        let serial = self.change.lock().await;
+    /// Marks the rebuilt target healthy by compare-and-set and makes it a full member, under the
+    /// IO barrier: no write can straddle the change from joining to member.
+    async fn promote(
+        &self,
+        target: &Arc<Member>,
+        rec: &ReplicaRecord,
+        token: &CancellationToken,
+    ) -> Result<(), RebuildError> {
+        let _barrier = self.io_gate.write().await;
+        let _serial = self.change.lock().await;
         let view = self.view.read().clone();
-        if !view.joining.as_ref().is_some_and(|j| Arc::ptr_eq(j, target)) {
+        if token.is_cancelled() || !view.joining.as_ref().is_some_and(|j| Arc::ptr_eq(j, target)) {
             return Err(RebuildError::Aborted("left the write path before promotion".into()));
         }
         let mut record = view.record.clone();
         let epoch = record.epoch;
-        let Some(r) = record.replicas.iter_mut().find(|r| r.id == target.id) else {
-            return Err(RebuildError::Aborted("removed from the configuration".into()));
+        // The same entry the rebuild started for: not removed, not re-added elsewhere.
+        let Some(r) = record
+            .replicas
+            .iter_mut()
+            .find(|r| r.id == target.id && r.addr == rec.addr && r.state == rec.state)
+        else {
+            return Err(RebuildError::Aborted("its configuration entry changed".into()));
         };
         r.state = ReplicaState::Healthy;
         r.missed_regions.clear();
         r.store_id = Some(target.client.hello().store_id);
-        if full {
-            r.tracked_since = epoch;
-        }
-        let (a, rec, expected) = (self.authority.clone(), record.clone(), view.version);
-        let version = match blocking_authority(move || a.compare_and_set(Some(expected), &rec)).await {
+        // Its written stamps are complete only from now on (a rebuild skips equal chunks and
+        // holes, which it does not stamp): it can be the source of a delta for a later ejection.
+        r.tracked_since = epoch;
+        let (a, new, expected) = (self.authority.clone(), record.clone(), view.version);
+        let version = match blocking_authority(move || a.compare_and_set(Some(expected), &new)).await {
             Ok(v) => v,
             Err(AuthorityError::Conflict { .. }) => {
                 self.depose("membership changed by someone else");
@@ -511,28 +549,26 @@ impl Volume {
             }
             Err(e) => return Err(RebuildError::Other(format!("promotion not committed: {e}"))),
         };
-        let missed = {
+        {
+            // No IO runs under the barrier, so nothing can have aborted the join since the
+            // check; members and joining change in one step.
             let mut current = self.view.write();
-            // Still joined means it saw every write: members and joining change in one step, so
-            // no write can miss it. Otherwise it failed a write after the check above.
-            let joined = current.joining.as_ref().is_some_and(|j| Arc::ptr_eq(j, target));
             let mut members = current.members.clone();
-            if joined {
-                members.push(target.clone());
-            }
+            members.push(target.clone());
             *current = Arc::new(View { version, record, members, joining: None });
-            !joined
-        };
-        drop(serial);
-        if missed {
-            // Recorded healthy but it missed a write: commit its ejection before any more IO.
-            self.pending.lock().push(target.id.clone());
-            let _ = self.eject(&[]).await;
-            return Err(RebuildError::Aborted("failed a write during promotion".into()));
         }
-        info!(volume_id = %self.cfg.volume_id, replica = %target.id, epoch, full, "rebuild done; replica healthy");
+        info!(volume_id = %self.cfg.volume_id, replica = %target.id, epoch, "rebuild done; replica healthy");
         Ok(())
     }
+}
+
+/// Whether two listings name the same snapshot: same name, created within the same couple of
+/// seconds (members take one snapshot at one barrier; recreated snapshots keep the source's time).
+fn same_snapshot(
+    a: &barnacle_replica::wire::SnapshotEntry,
+    b: &barnacle_replica::wire::SnapshotEntry,
+) -> bool {
+    a.name == b.name && a.created_unix.abs_diff(b.created_unix) <= 2
 }
 
 impl super::VolumeConfig {

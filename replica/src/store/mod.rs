@@ -1040,6 +1040,12 @@ impl Store {
     /// Takes snapshot `name` of the head: drains IO, makes everything durable, and freezes the
     /// head's generation. O(1) in the volume's size.
     pub fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        self.create_snapshot_at(name, None)
+    }
+
+    /// [`Store::create_snapshot`], recording `created_unix` as its creation time when given (a
+    /// rebuild recreating another replica's snapshot keeps that snapshot's time).
+    pub fn create_snapshot_at(&self, name: &str, created_unix: Option<u64>) -> Result<SnapshotInfo> {
         self.check_ok()?;
         if name.is_empty() || name.len() > MAX_SNAPSHOT_NAME {
             return Err(StoreError::InvalidArgument(format!(
@@ -1062,7 +1068,7 @@ impl Store {
             name: name.to_owned(),
             generation: st.head.generation,
             size: st.head.size,
-            created_unix: now_unix(),
+            created_unix: created_unix.unwrap_or_else(now_unix),
         };
         let head = Head { size: st.head.size, generation: st.head.generation + 1 };
         let mut b = WriteBatch::default();
