@@ -92,10 +92,13 @@ struct View {
     joining: Option<Arc<Member>>,
 }
 
-/// Serialises overlapping ranges.
+/// Serialises overlapping ranges, first come first served: a request waits for every earlier
+/// request it overlaps, held or still waiting, so a stream of small writes cannot starve a large
+/// one (or a rebuild's region copy).
 #[derive(Default)]
 struct RangeLock {
-    held: Mutex<Vec<(u64, u64, u64)>>,
+    /// (start, end, ticket, held) in arrival order.
+    entries: Mutex<Vec<(u64, u64, u64, bool)>>,
     next: std::sync::atomic::AtomicU64,
     released: Notify,
 }
@@ -107,15 +110,22 @@ struct RangeGuard<'a> {
 
 impl RangeLock {
     async fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.entries.lock().push((start, end, id, false));
+        // Removes the entry if this future is dropped while waiting.
+        let guard = RangeGuard { lock: self, id };
         loop {
             // Registered before the check, so a release in between is not missed.
             let released = self.released.notified();
             {
-                let mut held = self.held.lock();
-                if !held.iter().any(|&(s, e, _)| s < end && start < e) {
-                    let id = self.next.fetch_add(1, Ordering::Relaxed);
-                    held.push((start, end, id));
-                    return RangeGuard { lock: self, id };
+                let mut entries = self.entries.lock();
+                let blocked =
+                    entries.iter().take_while(|e| e.2 != id).any(|&(s, e, _, _)| s < end && start < e);
+                if !blocked {
+                    if let Some(me) = entries.iter_mut().find(|e| e.2 == id) {
+                        me.3 = true;
+                    }
+                    return guard;
                 }
             }
             released.await;
@@ -125,7 +135,7 @@ impl RangeLock {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        self.lock.held.lock().retain(|r| r.2 != self.id);
+        self.lock.entries.lock().retain(|r| r.2 != self.id);
         self.lock.released.notify_waiters();
     }
 }
@@ -1037,5 +1047,27 @@ mod tests {
         let b = tokio::time::timeout(Duration::from_secs(1), lock.lock(4096, 8192)).await;
         assert!(b.is_ok(), "disjoint ranges must not wait");
         drop(a);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_large_range_is_not_starved_by_later_small_ones() {
+        let lock = Arc::new(RangeLock::default());
+        let first = lock.lock(0, 4096).await;
+        // A large range waits behind the first small one...
+        let big = {
+            let lock = lock.clone();
+            tokio::spawn(async move {
+                let _g = lock.lock(0, 1 << 20).await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // ...and a later small range inside it waits behind the large one, though nothing held
+        // overlaps it.
+        let later = tokio::time::timeout(Duration::from_millis(100), lock.lock(8192, 12288)).await;
+        assert!(later.is_err(), "a later request overtook an earlier overlapping one");
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(1), big).await.unwrap().unwrap();
+        let later = tokio::time::timeout(Duration::from_secs(1), lock.lock(8192, 12288)).await;
+        assert!(later.is_ok());
     }
 }
