@@ -273,13 +273,13 @@ async fn a_replica_down_at_start_leaves_the_configuration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_silent_beyond_the_lease_is_ejected_before_io_is_served() {
     let s = setup(3);
-    // Beats every second, so a silent connection is closed only after four seconds; the lease is
-    // 0.5 s + 2 beats = 2.5 s. At three seconds only the lease can notice the hung replica.
-    let engine = s.engine("engine", &["--replica-timeout-ms", "500", "--heartbeat-ms", "1000"]);
+    // Beats every 1.5 s, so a silent connection is closed only after six seconds; the lease is
+    // 0.5 s + 2 beats = 3.5 s. At 4.7 s only the lease can notice the hung replica.
+    let engine = s.engine("engine", &["--replica-timeout-ms", "500", "--heartbeat-ms", "1500"]);
     let uri = engine.uri(VOL);
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x33 0 64k"]);
     kill(pid(&s.replicas[2].child), Signal::SIGSTOP).unwrap();
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    tokio::time::sleep(Duration::from_millis(4700)).await;
     // Reads go round robin; without the lease most would be served without noticing r2 at all.
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x33 0 64k"]);
     kill(pid(&s.replicas[2].child), Signal::SIGCONT).unwrap();
