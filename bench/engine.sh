@@ -50,7 +50,8 @@ start_engine() { # name replica-addr...; sets $uri to its NBD URI
   for a in "$@"; do args+=(--replica "r$i=$a"); i=$((i + 1)); done
   mkdir -p "$work/$name"
   "$BIN/barnacle-engine" --volume-id bench --token-file "$work/token" "${args[@]}" \
-    --state-dir "$work/$name" --nbd-listen 127.0.0.1:0 --ready-file "$work/$name/ready" >/dev/null 2>>"$work/log" &
+    --state-dir "$work/$name" --nbd-listen 127.0.0.1:0 --nbd-socket "$work/$name.sock" \
+    --ready-file "$work/$name/ready" >/dev/null 2>>"$work/log" &
   pids+=($!)
   wait_ready "$work/$name/ready"
   uri="nbd://$(field "$work/$name/ready" nbd)/bench"
@@ -61,10 +62,14 @@ truncate -s "${SIZE_MIB}M" "$work/raw.img"
 truncate -s "${SIZE_MIB}M" "$work/qemu.img"
 qemu-nbd -f raw -x bench -b 127.0.0.1 -p 10899 -t --aio=threads "$work/qemu.img" >/dev/null 2>>"$work/log" &
 pids+=($!)
+truncate -s "${SIZE_MIB}M" "$work/qemu-unix.img"
+qemu-nbd -f raw -x bench -k "$work/qemu.sock" -t --aio=threads "$work/qemu-unix.img" >/dev/null 2>>"$work/log" &
+pids+=($!)
 sleep 1
 # Barnacle as in a cluster: the engine on the attaching node reaches the replica on its own node
 # over a unix socket and the others over TCP. barnacle-1-tcp shows the single replica over TCP.
 start_replica "$work/r1-0"; start_engine e1 "$local"; one=$uri
+start_replica "$work/r1u-0"; start_engine e1u "$local"; oneunix="nbd+unix:///bench?socket=$work/e1u.sock"
 start_replica "$work/r1t-0"; start_engine e1t "$addr"; onetcp=$uri
 start_replica "$work/r3-0"; a0=$local
 start_replica "$work/r3-1"; a1=$addr
@@ -76,8 +81,10 @@ declare -A target=(
   [barnacle-1]="--ioengine=nbd --uri=$one"
   [barnacle-1-tcp]="--ioengine=nbd --uri=$onetcp"
   [barnacle-3]="--ioengine=nbd --uri=$three"
+  [qemu-nbd-unix]="--ioengine=nbd --uri=nbd+unix:///bench?socket=$work/qemu.sock"
+  [barnacle-1-unix]="--ioengine=nbd --uri=$oneunix"
 )
-order=(raw qemu-nbd barnacle-1 barnacle-1-tcp barnacle-3)
+order=(raw qemu-nbd barnacle-1 barnacle-1-tcp barnacle-3 qemu-nbd-unix barnacle-1-unix)
 
 # Fill every target first, so reads read data rather than holes.
 for t in "${order[@]}"; do
@@ -112,7 +119,10 @@ hwm=$(for p in $idle_pids; do awk '/VmHWM/ {print $2}' "/proc/$p/status"; done |
 python3 - "$work" "$RUNTIME" "$(( t1 - t0 ))" "$hz" "$IDLE_SECONDS" "$rss" "$hwm" <<'PY'
 import json, sys
 work, runtime, dticks, hz, idle, rss, hwm = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
-order = ["raw", "qemu-nbd", "barnacle-1", "barnacle-1-tcp", "barnacle-3"]
+order = ["raw", "qemu-nbd", "barnacle-1", "barnacle-1-tcp", "barnacle-3", "qemu-nbd-unix", "barnacle-1-unix"]
+# Targets reached over a unix socket compare with qemu-nbd over a unix socket.
+def base(t):
+    return "qemu-nbd-unix" if t.endswith("-unix") else "qemu-nbd"
 jobs = [("randread4k", "read", "iops"), ("randwrite4k", "write", "iops"), ("read128k", "read", "bw"),
         ("write128k", "write", "bw"), ("randwrite4k-qd1", "write", "lat")]
 def fig(job, t, side, kind):
@@ -123,7 +133,7 @@ def fig(job, t, side, kind):
         return d["bw_bytes"] / 2**20, None
     pct = d["clat_ns"]["percentile"]
     return pct["50.000000"] / 1000, pct["99.000000"] / 1000
-print(f"fio, {runtime} s per job; ratios are to the raw file / to qemu-nbd (latency: lower is better)\n")
+print(f"fio, {runtime} s per job; ratios are to the raw file / to qemu-nbd on the same transport (latency: lower is better)\n")
 print("| job | " + " | ".join(order) + " |")
 print("|---|" + "---|" * len(order))
 for job, side, kind in jobs:
@@ -132,11 +142,11 @@ for job, side, kind in jobs:
     for t in order:
         v, p99 = vals[t]
         if kind == "lat":
-            r, q = vals["raw"][0], vals["qemu-nbd"][0]
+            r, q = vals["raw"][0], vals[base(t)][0]
             cell = f"p50 {v:.0f} µs, p99 {p99:.0f} µs ({v / r:.2f} / {v / q:.2f})"
         else:
             unit = "IOPS" if kind == "iops" else "MiB/s"
-            r, q = vals["raw"][0], vals["qemu-nbd"][0]
+            r, q = vals["raw"][0], vals[base(t)][0]
             cell = f"{v:,.0f} {unit} ({v / r:.2f} / {v / q:.2f})"
         cells.append(cell)
     print(f"| {job} | " + " | ".join(cells) + " |")

@@ -323,3 +323,40 @@ fn written_stamps_tell_which_regions_changed_since_an_epoch() {
     s.write(20 * R, &fill(4, 4096), false).unwrap();
     assert_eq!(s.written_since(4, 0, 100).unwrap(), (vec![20], None));
 }
+
+#[test]
+fn cached_reads_serve_only_what_the_page_cache_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = new_store(dir.path(), 16 * MIB);
+    let data = fill(7, MIB);
+    s.write(0, &data, false).unwrap();
+    let mut buf = vec![0u8; 65536];
+    assert!(s.read_cached(4096, &mut buf).unwrap(), "just written, so cached");
+    assert_eq!(buf, data[4096..4096 + 65536]);
+    assert!(s.read_cached(8 * MIB, &mut buf).unwrap(), "holes need no device read");
+    assert!(buf.iter().all(|b| *b == 0));
+    // Written back and dropped from the page cache: a cached read declines, a plain one works.
+    s.flush().unwrap();
+    let f = std::fs::File::open(dir.path().join("r").join("data")).unwrap();
+    nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+    assert!(!s.read_cached(0, &mut buf).unwrap(), "evicted data must not be read on the async path");
+    s.read(0, &mut buf).unwrap();
+    assert_eq!(buf, data[..65536]);
+}
+
+#[test]
+fn a_write_is_light_only_into_regions_marked_in_this_epoch() {
+    use barnacle_replica::store::INTENT_REGION as R;
+    let dir = tempfile::tempdir().unwrap();
+    let s = new_store(dir.path(), 16 * MIB);
+    let engine = Uuid::new_v4();
+    s.fence(1, engine).unwrap();
+    assert!(!s.write_is_light(0, 4096), "a clean region needs its mark synced first");
+    s.write(0, &fill(1, 4096), false).unwrap();
+    assert!(s.write_is_light(8192, 4096));
+    assert!(!s.write_is_light(R - 4096, 8192), "straddles into a clean region");
+    s.fence(2, engine).unwrap();
+    assert!(!s.write_is_light(0, 4096), "a new epoch needs a new stamp");
+    assert!(!s.write_is_light(u64::MAX - 10, 4096), "out of range is never light");
+    assert!(!s.write_is_light(16 * MIB, 4096), "beyond the end is never light");
+}

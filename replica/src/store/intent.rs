@@ -158,6 +158,14 @@ impl Intent {
         }
     }
 
+    /// Whether every region of the range is durably marked and stamped in the current epoch, so
+    /// [`Intent::begin`] would not need to write anything.
+    pub(crate) fn covered(&self, offset: u64, len: u64) -> bool {
+        let st = self.state.lock();
+        regions(offset, len)
+            .all(|r| st.stamped.contains(&r) && st.regions.get(&r).is_some_and(|g| g.ticket <= st.durable))
+    }
+
     /// The write that [`Intent::begin`] announced finished (acknowledged or failed).
     pub(crate) fn end(&self, offset: u64, len: u64) {
         let mut st = self.state.lock();

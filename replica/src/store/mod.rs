@@ -840,17 +840,54 @@ impl Store {
     }
 
     fn read_at_gen(&self, reader: u64, offset: u64, buf: &mut [u8], lock: bool) -> Result<()> {
+        self.read_at_gen_with(reader, offset, buf, lock, false).map(drop)
+    }
+
+    /// Reads the head like [`Store::read`], but only if its data is in the page cache: `Ok(false)`
+    /// (with `buf` partly filled) when some of it would have to come from the device. Lets a
+    /// server answer cached reads on its async threads and send the rest to a blocking pool.
+    pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        self.check_ok()?;
+        let st = self.gate.read();
+        self.check_range(offset, buf.len() as u64, st.head.size)?;
+        self.read_at_gen_with(st.head.generation, offset, buf, true, true)
+    }
+
+    fn read_at_gen_with(
+        &self,
+        reader: u64,
+        offset: u64,
+        buf: &mut [u8],
+        lock: bool,
+        cached: bool,
+    ) -> Result<bool> {
         for c in self.chunks(offset, buf.len() as u64) {
             #[allow(clippy::cast_possible_truncation)]
             let out = &mut buf[c.pos..c.pos + c.len as usize];
             let _g = lock.then(|| self.stripe(c.cluster).read());
             match self.lookup(c.cluster, reader)? {
+                Some((_, Mapping::Phys(p))) if cached => {
+                    if !sys::read_cached_at(&self.data, out, self.phys_offset(p, c.at))
+                        .map_err(StoreError::io("read data"))?
+                    {
+                        return Ok(false);
+                    }
+                }
                 Some((_, Mapping::Phys(p))) => sys::read_full_at(&self.data, out, self.phys_offset(p, c.at))
                     .map_err(StoreError::io("read data"))?,
                 _ => out.fill(0),
             }
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Whether a write of `[offset, offset+len)` needs no synced metadata first (every region it
+    /// touches is already marked and stamped in this epoch): such a write only lands in the page
+    /// cache and the in-memory map, so a server may run it on its async threads.
+    pub fn write_is_light(&self, offset: u64, len: u64) -> bool {
+        // Out-of-range requests take the normal path, which refuses them.
+        let in_range = offset.checked_add(len).is_some_and(|end| end <= self.gate.read().head.size);
+        in_range && self.intent.covered(offset, len)
     }
 
     /// Writes the head; with `fua` the data is durable when this returns.

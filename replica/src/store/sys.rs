@@ -1,5 +1,6 @@
 //! Positioned IO on the data file and the Linux calls the store needs: hole punching, reflink
-//! (FICLONERANGE) and in-kernel copy. Everything here blocks; callers run it off async threads.
+//! (FICLONERANGE) and in-kernel copy. Everything here blocks, except [`read_cached_at`], which
+//! reads only what the page cache already holds.
 
 use std::fs::File;
 use std::io;
@@ -7,6 +8,40 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use nix::fcntl::{FallocateFlags, fallocate};
+
+/// Like [`read_full_at`], but only from the page cache (`RWF_NOWAIT`): `Ok(false)` when some of
+/// the range would have to come from the device, with `buf` then partly filled.
+pub(crate) fn read_cached_at(f: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<bool> {
+    while !buf.is_empty() {
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let at = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: one iovec describing `buf`, which is valid for writes of its length and borrowed
+        // mutably for the whole call; the fd is open for the life of `f`.
+        let n = unsafe { libc::preadv2(f.as_raw_fd(), &raw const iov, 1, at, libc::RWF_NOWAIT) };
+        match n {
+            0 => {
+                buf.fill(0);
+                return Ok(true);
+            }
+            n if n > 0 => {
+                let n = usize::try_from(n).unwrap_or(0);
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => return Ok(false),
+                    Some(libc::EINTR) => {}
+                    // Not supported here (old kernel, odd file system): take the blocking path.
+                    Some(libc::EOPNOTSUPP | libc::EINVAL) => return Ok(false),
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(true)
+}
 
 /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros.
 pub(crate) fn read_full_at(f: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
