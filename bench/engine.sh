@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Engine benchmark: the same fio jobs against a raw file (io_uring, direct), qemu-nbd serving a
 # file on the same disk, Barnacle with 1 replica and Barnacle with 3 replicas, all in one run, with
-# each figure's ratio to the raw file and to qemu-nbd. Then the idle cost of an engine with three
+# each figure's ratio to the raw file and to qemu-nbd on the same transport (TCP, or a unix socket
+# as a cluster attaches), each measurement after a sync. Then the idle cost of an engine with three
 # replicas (CPU and resident memory). Results: docs/performance.md.
 #
 #   bench/engine.sh            # RUNTIME=10 seconds per job, SIZE_MIB=1024, DIR=/var/tmp
@@ -102,6 +103,9 @@ jobs=(
 for j in "${jobs[@]}"; do
   name=${j%%|*}; opts=${j#*|}
   for t in "${order[@]}"; do
+    # Start every measurement with no dirty pages left by the one before: background writeback
+    # would otherwise land on whichever target runs next.
+    sync
     # shellcheck disable=SC2086
     fio --name="$name" ${target[$t]} $opts --size="${SIZE_MIB}m" --time_based --runtime="$RUNTIME" \
       --randrepeat=0 --norandommap --output-format=json --output="$work/$name.$t.json"
