@@ -5,11 +5,12 @@
 # as a cluster attaches), each measurement after a sync. Then the idle cost of an engine with three
 # replicas (CPU and resident memory). Results: docs/performance.md.
 #
-#   bench/engine.sh            # RUNTIME=10 seconds per job, SIZE_MIB=1024, DIR=/var/tmp
+#   bench/engine.sh            # RUNTIME=5 seconds per run, REPEAT=3 rounds, SIZE_MIB=1024, DIR=/var/tmp
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/barnacle-target}"
-RUNTIME="${RUNTIME:-10}"
+RUNTIME="${RUNTIME:-5}"
+REPEAT="${REPEAT:-3}"
 SIZE_MIB="${SIZE_MIB:-1024}"
 IDLE_SECONDS="${IDLE_SECONDS:-10}"
 BIN="$CARGO_TARGET_DIR/release"
@@ -100,15 +101,19 @@ jobs=(
   "write128k|--rw=write --bs=128k --iodepth=16"
   "randwrite4k-qd1|--rw=randwrite --bs=4k --iodepth=1"
 )
+# This machine's speed drifts by up to 1.5x within seconds, so every job runs REPEAT rounds, each
+# round visiting every target in turn, and the median round counts.
 for j in "${jobs[@]}"; do
   name=${j%%|*}; opts=${j#*|}
-  for t in "${order[@]}"; do
-    # Start every measurement with no dirty pages left by the one before: background writeback
-    # would otherwise land on whichever target runs next.
-    sync
-    # shellcheck disable=SC2086
-    fio --name="$name" ${target[$t]} $opts --size="${SIZE_MIB}m" --time_based --runtime="$RUNTIME" \
-      --randrepeat=0 --norandommap --output-format=json --output="$work/$name.$t.json"
+  for round in $(seq 1 "$REPEAT"); do
+    for t in "${order[@]}"; do
+      # Start every measurement with no dirty pages left by the one before: background writeback
+      # would otherwise land on whichever target runs next.
+      sync
+      # shellcheck disable=SC2086
+      fio --name="$name" ${target[$t]} $opts --size="${SIZE_MIB}m" --time_based --runtime="$RUNTIME" \
+        --randrepeat=0 --norandommap --output-format=json --output="$work/$name.$t.$round.json"
+    done
   done
 done
 
@@ -120,38 +125,41 @@ hz=$(getconf CLK_TCK)
 rss=$(for p in $idle_pids; do awk '/VmRSS/ {print $2}' "/proc/$p/status"; done | sort -n | tail -1)
 hwm=$(for p in $idle_pids; do awk '/VmHWM/ {print $2}' "/proc/$p/status"; done | sort -n | tail -1)
 
-python3 - "$work" "$RUNTIME" "$(( t1 - t0 ))" "$hz" "$IDLE_SECONDS" "$rss" "$hwm" <<'PY'
-import json, sys
-work, runtime, dticks, hz, idle, rss, hwm = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+python3 - "$work" "$RUNTIME" "$(( t1 - t0 ))" "$hz" "$IDLE_SECONDS" "$rss" "$hwm" "$REPEAT" <<'PY'
+import json, statistics, sys
+work, runtime, dticks, hz, idle, rss, hwm, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 order = ["raw", "qemu-nbd", "barnacle-1", "barnacle-1-tcp", "barnacle-3", "qemu-nbd-unix", "barnacle-1-unix"]
 # Targets reached over a unix socket compare with qemu-nbd over a unix socket.
 def base(t):
     return "qemu-nbd-unix" if t.endswith("-unix") else "qemu-nbd"
 jobs = [("randread4k", "read", "iops"), ("randwrite4k", "write", "iops"), ("read128k", "read", "bw"),
         ("write128k", "write", "bw"), ("randwrite4k-qd1", "write", "lat")]
-def fig(job, t, side, kind):
-    d = json.load(open(f"{work}/{job}.{t}.json"))["jobs"][0][side]
+def fig(job, t, side, kind, rnd):
+    d = json.load(open(f"{work}/{job}.{t}.{rnd}.json"))["jobs"][0][side]
     if kind == "iops":
         return d["iops"], None
     if kind == "bw":
         return d["bw_bytes"] / 2**20, None
     pct = d["clat_ns"]["percentile"]
     return pct["50.000000"] / 1000, pct["99.000000"] / 1000
-print(f"fio, {runtime} s per job; ratios are to the raw file / to qemu-nbd on the same transport (latency: lower is better)\n")
+med = statistics.median
+print(f"fio, {repeat} rounds of {runtime} s per job, medians; ratios are the median over rounds of the ratio")
+print("to the raw file / to qemu-nbd on the same transport, measured in the same round (latency: lower is better)\n")
 print("| job | " + " | ".join(order) + " |")
 print("|---|" + "---|" * len(order))
 for job, side, kind in jobs:
-    vals = {t: fig(job, t, side, kind) for t in order}
+    rounds = [{t: fig(job, t, side, kind, r) for t in order} for r in range(1, repeat + 1)]
     cells = []
     for t in order:
-        v, p99 = vals[t]
+        v = med(x[t][0] for x in rounds)
+        to_raw = med(x[t][0] / x["raw"][0] for x in rounds)
+        to_base = med(x[t][0] / x[base(t)][0] for x in rounds)
         if kind == "lat":
-            r, q = vals["raw"][0], vals[base(t)][0]
-            cell = f"p50 {v:.0f} µs, p99 {p99:.0f} µs ({v / r:.2f} / {v / q:.2f})"
+            p99 = med(x[t][1] for x in rounds)
+            cell = f"p50 {v:.0f} µs, p99 {p99:.0f} µs ({to_raw:.2f} / {to_base:.2f})"
         else:
             unit = "IOPS" if kind == "iops" else "MiB/s"
-            r, q = vals["raw"][0], vals[base(t)][0]
-            cell = f"{v:,.0f} {unit} ({v / r:.2f} / {v / q:.2f})"
+            cell = f"{v:,.0f} {unit} ({to_raw:.2f} / {to_base:.2f})"
         cells.append(cell)
     print(f"| {job} | " + " | ".join(cells) + " |")
 cpu = dticks / hz / idle * 100
