@@ -701,6 +701,19 @@ impl Store {
 
     /// The entry a reader at generation `reader` sees for `cluster`: (its generation, mapping).
     fn lookup(&self, cluster: u64, reader: u64) -> Result<Option<(u64, Mapping)>> {
+        // Most lookups find an entry written by the reader's own generation (the head's, when no
+        // snapshot came since): a point get, filtered by the bloom filters, answers those far
+        // more cheaply than an iterator merging the memtable and every table file. An entry at
+        // exactly `reader` is the newest one at or below it.
+        if let Some(v) = self.db.get_pinned(keys::map_key(cluster, reader))? {
+            return match Mapping::decode(&v) {
+                Some(m) => Ok(Some((reader, m))),
+                None => Err(StoreError::Corrupt {
+                    path: self.dir.clone(),
+                    detail: format!("map entry ({cluster}, {reader}) unreadable"),
+                }),
+            };
+        }
         let mut it = self.db.raw_iterator();
         it.seek_for_prev(keys::map_key(cluster, reader));
         let (Some(k), Some(v)) = (it.key(), it.value()) else {
