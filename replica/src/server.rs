@@ -653,15 +653,19 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
             }
             Err(e) => Err(e),
         },
-        // A small write into regions already marked in this epoch only reaches the page cache
-        // and the in-memory map: done here, it saves two thread hand-offs per request.
-        Op::Write { offset, data, fua }
-            if !fua && data.len() <= INLINE_IO && store.write_is_light(offset, data.len() as u64) =>
-        {
-            store.write(offset, &data, fua).map(|()| Bytes::new())
-        }
         Op::Write { offset, data, fua } => {
-            blocking(move || store.write(offset, &data, fua).map(|()| Bytes::new())).await
+            // A small write that can land in place without waiting (see
+            // `Store::try_write_inline`) is done here, saving two thread hand-offs.
+            let inline = if !fua && data.len() <= INLINE_IO {
+                store.try_write_inline(offset, &data)
+            } else {
+                Ok(false)
+            };
+            match inline {
+                Ok(true) => Ok(Bytes::new()),
+                Err(e) => Err(e),
+                Ok(false) => blocking(move || store.write(offset, &data, fua).map(|()| Bytes::new())).await,
+            }
         }
         Op::Flush => {
             blocking(move || store.flush().map(|point| Bytes::copy_from_slice(&point.to_be_bytes()))).await

@@ -345,18 +345,29 @@ fn cached_reads_serve_only_what_the_page_cache_holds() {
 }
 
 #[test]
-fn a_write_is_light_only_into_regions_marked_in_this_epoch() {
+fn inline_writes_happen_only_when_nothing_has_to_wait() {
     use barnacle_replica::store::INTENT_REGION as R;
     let dir = tempfile::tempdir().unwrap();
     let s = new_store(dir.path(), 16 * MIB);
     let engine = Uuid::new_v4();
     s.fence(1, engine).unwrap();
-    assert!(!s.write_is_light(0, 4096), "a clean region needs its mark synced first");
-    s.write(0, &fill(1, 4096), false).unwrap();
-    assert!(s.write_is_light(8192, 4096));
-    assert!(!s.write_is_light(R - 4096, 8192), "straddles into a clean region");
+    assert!(!s.try_write_inline(0, &fill(1, 4096)).unwrap(), "a clean region needs its mark synced first");
+    s.write(0, &fill(1, CS), false).unwrap();
+    let before = s.metadata_sequence();
+    assert!(s.try_write_inline(4096, &fill(2, 4096)).unwrap(), "in place in a marked region");
+    assert_eq!(s.metadata_sequence(), before, "an inline write writes no metadata");
+    let mut buf = vec![0u8; 4096];
+    s.read(4096, &mut buf).unwrap();
+    assert_eq!(buf, fill(2, 4096));
+    assert!(!s.try_write_inline(2 * CS, &fill(3, 4096)).unwrap(), "a hole needs a cluster allocated");
+    assert!(!s.try_write_inline(R - 4096, &fill(3, 8192)).unwrap(), "straddles into a clean region");
+    s.create_snapshot("s").unwrap();
+    assert!(!s.try_write_inline(0, &fill(4, 4096)).unwrap(), "shared with a snapshot: copy-on-write");
+    s.write(0, &fill(4, 4096), false).unwrap();
     s.fence(2, engine).unwrap();
-    assert!(!s.write_is_light(0, 4096), "a new epoch needs a new stamp");
-    assert!(!s.write_is_light(u64::MAX - 10, 4096), "out of range is never light");
-    assert!(!s.write_is_light(16 * MIB, 4096), "beyond the end is never light");
+    assert!(!s.try_write_inline(0, &fill(5, 4096)).unwrap(), "a new epoch needs a new stamp");
+    assert!(s.try_write_inline(u64::MAX - 10, &fill(5, 4096)).is_err(), "out of range is refused");
+    // Declined writes wrote nothing: the snapshot still reads the first data.
+    s.read_snapshot("s", 0, &mut buf).unwrap();
+    assert_eq!(buf, fill(1, CS)[..4096]);
 }

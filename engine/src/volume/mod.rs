@@ -966,7 +966,12 @@ impl Backend for Volume {
             }
             let m = members[self.next_read.fetch_add(1, Ordering::Relaxed) % members.len()].clone();
             match m.client.read(offset, len).await {
-                Ok(b) => return Ok(b),
+                // The lease must still hold when the data is handed out, not only when the read
+                // was sent (a slow member could answer after a successor started writing).
+                Ok(b) => {
+                    self.serving().await?;
+                    return Ok(b);
+                }
                 Err(e) if is_deposing(&e) => return Err(self.depose(&e.to_string())),
                 Err(e) if matches!(e.status(), Some(Status::Invalid | Status::OutOfRange)) => {
                     return Err(IoError::Invalid(e.to_string()));

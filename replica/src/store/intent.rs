@@ -158,12 +158,21 @@ impl Intent {
         }
     }
 
-    /// Whether every region of the range is durably marked and stamped in the current epoch, so
-    /// [`Intent::begin`] would not need to write anything.
-    pub(crate) fn covered(&self, offset: u64, len: u64) -> bool {
-        let st = self.state.lock();
-        regions(offset, len)
-            .all(|r| st.stamped.contains(&r) && st.regions.get(&r).is_some_and(|g| g.ticket <= st.durable))
+    /// [`Intent::begin`] for a range whose regions are all durably marked and stamped in the
+    /// current epoch, so nothing has to be written; `false` (and nothing begun) otherwise.
+    pub(crate) fn begin_if_covered(&self, offset: u64, len: u64) -> bool {
+        let mut st = self.state.lock();
+        let durable = st.durable;
+        let covered = regions(offset, len)
+            .all(|r| st.stamped.contains(&r) && st.regions.get(&r).is_some_and(|g| g.ticket <= durable));
+        if covered {
+            for r in regions(offset, len) {
+                if let Some(g) = st.regions.get_mut(&r) {
+                    g.in_flight += 1;
+                }
+            }
+        }
+        covered
     }
 
     /// The write that [`Intent::begin`] announced finished (acknowledged or failed).

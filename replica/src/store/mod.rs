@@ -859,9 +859,11 @@ impl Store {
     /// Reads the head like [`Store::read`], but only if its data is in the page cache: `Ok(false)`
     /// (with `buf` partly filled) when some of it would have to come from the device. Lets a
     /// server answer cached reads on its async threads and send the rest to a blocking pool.
+    /// Never waits on a lock either: a snapshot, resize or copy-on-write holding one (possibly
+    /// through a sync) makes it decline.
     pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
         self.check_ok()?;
-        let st = self.gate.read();
+        let Some(st) = self.gate.try_read() else { return Ok(false) };
         self.check_range(offset, buf.len() as u64, st.head.size)?;
         self.read_at_gen_with(st.head.generation, offset, buf, true, true)
     }
@@ -877,7 +879,14 @@ impl Store {
         for c in self.chunks(offset, buf.len() as u64) {
             #[allow(clippy::cast_possible_truncation)]
             let out = &mut buf[c.pos..c.pos + c.len as usize];
-            let _g = lock.then(|| self.stripe(c.cluster).read());
+            let _g = match (lock, cached) {
+                (false, _) => None,
+                (true, false) => Some(self.stripe(c.cluster).read()),
+                (true, true) => match self.stripe(c.cluster).try_read() {
+                    Some(g) => Some(g),
+                    None => return Ok(false),
+                },
+            };
             match self.lookup(c.cluster, reader)? {
                 Some((_, Mapping::Phys(p))) if cached => {
                     if !sys::read_cached_at(&self.data, out, self.phys_offset(p, c.at))
@@ -894,13 +903,41 @@ impl Store {
         Ok(true)
     }
 
-    /// Whether a write of `[offset, offset+len)` needs no synced metadata first (every region it
-    /// touches is already marked and stamped in this epoch): such a write only lands in the page
-    /// cache and the in-memory map, so a server may run it on its async threads.
-    pub fn write_is_light(&self, offset: u64, len: u64) -> bool {
-        // Out-of-range requests take the normal path, which refuses them.
-        let in_range = offset.checked_add(len).is_some_and(|end| end <= self.gate.read().head.size);
-        in_range && self.intent.covered(offset, len)
+    /// Writes the head like [`Store::write`] (not FUA), but only if that needs no waiting:
+    /// every region already marked and stamped in this epoch, every cluster already held by the
+    /// head alone (written in place, no copy-on-write or allocation), and no lock contended.
+    /// `Ok(false)` otherwise, possibly after writing some of the chunks: the caller then does the
+    /// whole write with [`Store::write`], which rewrites the same bytes. Lets a server run most
+    /// small writes on its async threads.
+    pub fn try_write_inline(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        self.check_ok()?;
+        let Some(st) = self.gate.try_read() else { return Ok(false) };
+        let len = data.len() as u64;
+        self.check_range(offset, len, st.head.size)?;
+        if !self.intent.begin_if_covered(offset, len) {
+            return Ok(false);
+        }
+        let h = st.head.generation;
+        let res = (|| {
+            for c in self.chunks(offset, len) {
+                let Some(_r) = self.stripe(c.cluster).try_read() else { return Ok(false) };
+                match self.lookup(c.cluster, h)? {
+                    Some((g, Mapping::Phys(p))) if st.exclusive(g) => {
+                        #[allow(clippy::cast_possible_truncation)]
+                        sys::write_full_at(
+                            &self.data,
+                            &data[c.pos..c.pos + c.len as usize],
+                            self.phys_offset(p, c.at),
+                        )
+                        .map_err(StoreError::io("write data"))?;
+                    }
+                    _ => return Ok(false),
+                }
+            }
+            Ok(true)
+        })();
+        self.intent.end(offset, len);
+        res
     }
 
     /// Writes the head; with `fua` the data is durable when this returns.

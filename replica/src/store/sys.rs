@@ -19,10 +19,8 @@ pub(crate) fn read_cached_at(f: &File, mut buf: &mut [u8], mut offset: u64) -> i
         // mutably for the whole call; the fd is open for the life of `f`.
         let n = unsafe { libc::preadv2(f.as_raw_fd(), &raw const iov, 1, at, libc::RWF_NOWAIT) };
         match n {
-            0 => {
-                buf.fill(0);
-                return Ok(true);
-            }
+            // A mapped cluster lies inside the file; let the blocking path sort out anything odd.
+            0 => return Ok(false),
             n if n > 0 => {
                 let n = usize::try_from(n).unwrap_or(0);
                 buf = &mut buf[n..];
@@ -31,11 +29,10 @@ pub(crate) fn read_cached_at(f: &File, mut buf: &mut [u8], mut offset: u64) -> i
             _ => {
                 let e = io::Error::last_os_error();
                 match e.raw_os_error() {
-                    Some(libc::EAGAIN) => return Ok(false),
                     Some(libc::EINTR) => {}
-                    // Not supported here (old kernel, odd file system): take the blocking path.
-                    Some(libc::EOPNOTSUPP | libc::EINVAL) => return Ok(false),
-                    _ => return Err(e),
+                    // EAGAIN (not cached), or no support here (old kernel, seccomp, odd file
+                    // system): the blocking read reports any real error.
+                    _ => return Ok(false),
                 }
             }
         }
