@@ -85,11 +85,7 @@ async fn main() -> anyhow::Result<()> {
         args.nbd_listen.is_some() || args.nbd_socket.is_some(),
         "give --nbd-listen or --nbd-socket"
     );
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("reading token file {}", args.token_file.display()))?
-        .trim()
-        .to_owned();
-    anyhow::ensure!(!token.is_empty(), "token file {} is empty", args.token_file.display());
+    let token = barnacle_replica::process::read_token(&args.token_file)?;
     let cfg = VolumeConfig {
         volume_id: args.volume_id.clone(),
         token: token.clone(),

@@ -61,11 +61,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     barnacle_replica::process::set_io_flusher();
     barnacle_replica::process::tune_malloc();
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("reading token file {}", args.token_file.display()))?
-        .trim()
-        .to_owned();
-    anyhow::ensure!(!token.is_empty(), "token file {} is empty", args.token_file.display());
+    let token = barnacle_replica::process::read_token(&args.token_file)?;
     let cfg = ServerConfig {
         volume_id: args.volume_id.clone(),
         token,

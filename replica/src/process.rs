@@ -41,3 +41,14 @@ pub fn tune_malloc() {
         }
     }
 }
+
+/// Reads a volume token from `path` (surrounding whitespace dropped); an empty file is an error.
+pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading token file {}", path.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
+    Ok(token)
+}

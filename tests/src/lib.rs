@@ -394,3 +394,44 @@ pub fn metric(body: &str, metric: &str, labels: &[&str]) -> Option<f64> {
         .filter(|l| labels.iter().all(|x| l.contains(x)))
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// Starts fio writing 4 KiB blocks at random over the first `size_mib` MiB through NBD `uri`,
+/// 8 in flight, then reading everything back against crc32c checksums; JSON report to `out`.
+pub fn fio_verified_load(uri: &str, size_mib: u64, out: &Path) -> Child {
+    Command::new("fio")
+        .args([
+            "--name=load",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            &format!("--size={size_mib}m"),
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--randrepeat=0",
+            "--output-format=json",
+            &format!("--output={}", out.display()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for a [`fio_verified_load`] and asserts it succeeded with no verify error and verified
+/// its whole `size_mib`.
+pub fn fio_verified_ok(child: Child, out: &Path, size_mib: u64) {
+    let o = child.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap_or_default())
+        .unwrap_or_else(|_| panic!("fio failed: {}", String::from_utf8_lossy(&o.stderr)));
+    assert!(o.status.success(), "fio failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(report["jobs"][0]["error"].as_u64(), Some(0), "{report}");
+    assert!(
+        report["jobs"][0]["read"]["io_bytes"].as_u64().unwrap() >= size_mib << 20,
+        "fio did not verify everything"
+    );
+}

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -53,44 +52,6 @@ fn pid(p: &std::process::Child) -> Pid {
     Pid::from_raw(i32::try_from(p.id()).unwrap())
 }
 
-/// Starts fio writing 64 MiB at random with crc32c verification through `uri`.
-fn fio(uri: &str, out: &Path) -> std::process::Child {
-    Command::new("fio")
-        .args([
-            "--name=load",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=64m",
-            "--iodepth=8",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--randrepeat=0",
-            "--output-format=json",
-            &format!("--output={}", out.display()),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn fio_ok(child: std::process::Child, out: &Path) {
-    let o = child.wait_with_output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap_or_default())
-        .unwrap_or_else(|_| panic!("fio failed: {}", String::from_utf8_lossy(&o.stderr)));
-    assert!(o.status.success(), "fio failed: {}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(report["jobs"][0]["error"].as_u64(), Some(0), "{report}");
-    assert!(
-        report["jobs"][0]["read"]["io_bytes"].as_u64().unwrap() >= 64 << 20,
-        "fio did not verify everything"
-    );
-}
-
 /// Reads `len` bytes of every listed replica directly, under a fresh epoch (the engine stopped).
 async fn replica_bytes(replicas: &[&ReplicaProcess], epoch: u64, len: u64) -> Vec<Vec<u8>> {
     let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.data).collect();
@@ -102,10 +63,10 @@ async fn a_killed_replica_is_ejected_and_io_goes_on() {
     let mut s = setup(3);
     let mut engine = s.engine("engine", &["--replica-timeout-ms", "2000", "--heartbeat-ms", "250"]);
     let out = s.root.path().join("fio.json");
-    let load = fio(&engine.uri(VOL), &out);
+    let load = barnacle_tests::fio_verified_load(&engine.uri(VOL), 64, &out);
     tokio::time::sleep(Duration::from_millis(800)).await;
     s.replicas[1].kill();
-    fio_ok(load, &out);
+    barnacle_tests::fio_verified_ok(load, &out, 64);
     let m = s.membership("engine");
     assert_eq!(m["replicas"][1]["state"], "ejected", "{m}");
     assert_eq!(m["replicas"][0]["state"], "healthy");
@@ -121,10 +82,10 @@ async fn a_hung_replica_is_ejected_after_the_timeout() {
     let s = setup(3);
     let _engine = s.engine("engine", &["--replica-timeout-ms", "1000", "--heartbeat-ms", "200"]);
     let out = s.root.path().join("fio.json");
-    let load = fio(&_engine.uri(VOL), &out);
+    let load = barnacle_tests::fio_verified_load(&_engine.uri(VOL), 64, &out);
     tokio::time::sleep(Duration::from_millis(800)).await;
     kill(pid(&s.replicas[2].child), Signal::SIGSTOP).unwrap();
-    fio_ok(load, &out);
+    barnacle_tests::fio_verified_ok(load, &out, 64);
     kill(pid(&s.replicas[2].child), Signal::SIGCONT).unwrap();
     let m = s.membership("engine");
     assert_eq!(m["replicas"][2]["state"], "ejected", "{m}");

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use barnacle_engine::mgmt::pb::{self, engine_manager_client::EngineManagerClient};
@@ -92,44 +92,6 @@ async fn wait_healthy(
     }
 }
 
-/// fio writing at random over the first `size` with crc32c verification through `uri`.
-fn fio(uri: &str, size: &str, out: &Path) -> std::process::Child {
-    Command::new("fio")
-        .args([
-            "--name=load",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            &format!("--size={size}"),
-            "--iodepth=8",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--randrepeat=0",
-            "--output-format=json",
-            &format!("--output={}", out.display()),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn fio_ok(child: std::process::Child, out: &Path, bytes: u64) {
-    let o = child.wait_with_output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap_or_default())
-        .unwrap_or_else(|_| panic!("fio failed: {}", String::from_utf8_lossy(&o.stderr)));
-    assert!(o.status.success(), "fio failed: {}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(report["jobs"][0]["error"].as_u64(), Some(0), "{report}");
-    assert!(
-        report["jobs"][0]["read"]["io_bytes"].as_u64().unwrap() >= bytes,
-        "fio did not verify everything"
-    );
-}
-
 fn checksum(b: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -163,7 +125,7 @@ async fn a_killed_replica_comes_back_by_a_delta_rebuild_under_load() {
     let mut m = manager(&engine).await;
     let out = s.root.path().join("fio.json");
     // The load stays in the first 16 MiB, so that is about all the delta can be.
-    let load = fio(&engine.uri(VOL), "16m", &out);
+    let load = barnacle_tests::fio_verified_load(&engine.uri(VOL), 16, &out);
     tokio::time::sleep(Duration::from_millis(800)).await;
     s.replicas[1].kill();
     // Ejected while the load goes on.
@@ -175,7 +137,7 @@ async fn a_killed_replica_comes_back_by_a_delta_rebuild_under_load() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     s.replicas[1].restart();
     let (st, _) = wait_healthy(&mut m, "r1", 1, &s.log).await;
-    fio_ok(load, &out, 16 * MIB);
+    barnacle_tests::fio_verified_ok(load, &out, 16);
     let last = st.last_rebuild.clone().unwrap();
     assert_eq!(last.kind, "delta", "{last:?}");
     assert!(last.total_bytes <= 24 * MIB, "the delta covered {} bytes of a 96 MiB volume", last.total_bytes);
