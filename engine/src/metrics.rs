@@ -175,6 +175,10 @@ impl<B: Backend> Backend for Metered<B> {
         r
     }
 
+    fn write_buffer(&self, len: usize) -> Option<barnacle_replica::shm::Slot> {
+        self.inner.write_buffer(len)
+    }
+
     async fn flush(&self) -> Result<(), IoError> {
         let t = Instant::now();
         let r = self.inner.flush().await;

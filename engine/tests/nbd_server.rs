@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use barnacle_engine::nbd::proto::*;
 use barnacle_engine::nbd::{Backend, ExportConfig, IoError, serve_connection};
+use barnacle_replica::shm::{Area, Slot};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use proptest::prelude::*;
@@ -22,6 +23,10 @@ const SIZE: u64 = 1 << 20;
 struct MemDisk {
     data: Mutex<Vec<u8>>,
     leaked: std::sync::atomic::AtomicBool,
+    /// Offers shared-memory write buffers, as a volume with a replica on its node does.
+    area: Arc<Area>,
+    /// Writes whose payload arrived in the area.
+    from_area: std::sync::atomic::AtomicUsize,
 }
 
 impl MemDisk {
@@ -48,7 +53,13 @@ impl Backend for MemDisk {
         let r = self.range(offset, len as usize)?;
         Ok(Bytes::copy_from_slice(&self.data.lock()[r]))
     }
+    fn write_buffer(&self, len: usize) -> Option<Slot> {
+        self.area.alloc(len)
+    }
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), IoError> {
+        if self.area.offset_of(&data).is_some() {
+            self.from_area.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         let r = self.range(offset, data.len())?;
         self.data.lock()[r].copy_from_slice(&data);
         Ok(())
@@ -70,7 +81,12 @@ type Server = tokio::task::JoinHandle<Result<(), barnacle_engine::nbd::ConnError
 
 fn start_with_disk() -> (DuplexStream, Server, Arc<MemDisk>) {
     let (client, server) = tokio::io::duplex(1 << 20);
-    let disk = Arc::new(MemDisk { data: Mutex::new(vec![0u8; SIZE as usize]), leaked: Default::default() });
+    let disk = Arc::new(MemDisk {
+        data: Mutex::new(vec![0u8; SIZE as usize]),
+        leaked: Default::default(),
+        area: Area::create().unwrap(),
+        from_area: Default::default(),
+    });
     let h = tokio::spawn(serve_connection(
         server,
         disk.clone(),
@@ -157,6 +173,43 @@ async fn handshake(c: &mut DuplexStream) -> (u32, u32, u32) {
 async fn reply(c: &mut DuplexStream) -> (u32, u64) {
     assert_eq!(c.read_u32().await.unwrap(), SIMPLE_REPLY_MAGIC);
     (c.read_u32().await.unwrap(), c.read_u64().await.unwrap())
+}
+
+#[tokio::test]
+async fn large_write_payloads_are_read_into_the_backends_buffer() {
+    let (mut c, server, disk) = start_with_disk();
+    handshake(&mut c).await;
+    // Pipelined: 16 KiB to 512 KiB payloads go to the backend's buffers, others to the heap.
+    let sizes = [4096usize, 16384, 131_072, 524_288, 262_144, 65536];
+    let mut offset = 0u64;
+    let mut expect = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let mut w = request(CMD_WRITE, i as u64, offset, n as u32);
+        let fill: Vec<u8> = (0..n).map(|j| (j as u8) ^ (i as u8 * 31)).collect();
+        w.extend_from_slice(&fill);
+        c.write_all(&w).await.unwrap();
+        expect.push((offset, fill));
+        offset += n as u64;
+    }
+    let mut cookies: Vec<u64> = Vec::new();
+    for _ in &sizes {
+        let (err, cookie) = reply(&mut c).await;
+        assert_eq!(err, 0);
+        cookies.push(cookie);
+    }
+    cookies.sort_unstable();
+    assert_eq!(cookies, (0..sizes.len() as u64).collect::<Vec<_>>());
+    assert_eq!(disk.from_area.load(std::sync::atomic::Ordering::SeqCst), 5);
+    for (i, (offset, fill)) in expect.iter().enumerate() {
+        c.write_all(&request(CMD_READ, 100 + i as u64, *offset, fill.len() as u32)).await.unwrap();
+        assert_eq!(reply(&mut c).await, (0, 100 + i as u64));
+        let mut got = vec![0u8; fill.len()];
+        c.read_exact(&mut got).await.unwrap();
+        assert!(got == *fill, "write {i} of {} bytes read back different", fill.len());
+    }
+    assert_eq!(disk.area.free_units(), 32, "every buffer went back");
+    c.write_all(&request(CMD_DISC, 200, 0, 0)).await.unwrap();
+    server.await.unwrap().unwrap();
 }
 
 #[tokio::test]

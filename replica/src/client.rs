@@ -18,8 +18,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 use uuid::Uuid;
 
+use crate::shm::{Area, Slot};
 use crate::wire::{
     self, ClientCodec, Hello, HelloReply, Op, Reply, Request, SnapshotEntry, StatReply, Status,
 };
@@ -73,12 +75,28 @@ impl ClientError {
 }
 
 enum Waiter {
-    One(oneshot::Sender<Reply>),
+    One(oneshot::Sender<(Reply, Option<Keep>)>),
     Stream(mpsc::Sender<Reply>),
 }
 
+/// Shared memory a request in flight uses: kept until the replica answered it (see
+/// [`crate::shm`]), then handed back with the reply.
+enum Keep {
+    /// A write's payload, in the area.
+    Data(#[allow(dead_code)] Bytes),
+    /// A read's destination.
+    Slot(Slot),
+}
+
+struct Pending {
+    waiter: Waiter,
+    keep: Option<Keep>,
+}
+
 struct Shared {
-    pending: Mutex<HashMap<u64, Waiter>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// The shared memory of a unix connection whose replica mapped it.
+    shm: Option<Arc<Area>>,
     closed: CancellationToken,
     /// When the connection was made; `last_reply_ms` counts from here.
     born: std::time::Instant,
@@ -95,6 +113,16 @@ impl Shared {
     fn silence(&self) -> Duration {
         let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
         Duration::from_millis(ms.saturating_sub(self.last_reply_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Closes the connection and fails every waiter. The shared memory is killed first: the
+    /// replica may still be working on any slot that was in flight.
+    fn close(&self) {
+        if let Some(a) = &self.shm {
+            a.kill();
+        }
+        self.closed.cancel();
+        self.pending.lock().clear();
     }
 }
 
@@ -135,7 +163,7 @@ impl ReplicaClient {
             .map_err(|_| ClientError::Timeout(cfg.request_timeout))??;
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
-        Self::start(Box::new(rd), Box::new(wr), cfg).await
+        Self::start(Box::new(rd), Box::new(wr), cfg, None).await
     }
 
     /// Connects to `address`: `HOST:PORT` (TCP) or `unix:PATH` (a replica on this node).
@@ -145,8 +173,18 @@ impl ReplicaClient {
                 let stream = tokio::time::timeout(cfg.request_timeout, tokio::net::UnixStream::connect(path))
                     .await
                     .map_err(|_| ClientError::Timeout(cfg.request_timeout))??;
+                let area = match Area::create() {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        warn!(volume_id = %cfg.volume_id, error = %e, "no shared memory for a local replica; using the socket");
+                        None
+                    }
+                };
+                tokio::time::timeout(cfg.request_timeout, send_preamble(&stream, area.as_deref()))
+                    .await
+                    .map_err(|_| ClientError::Timeout(cfg.request_timeout))??;
                 let (rd, wr) = stream.into_split();
-                Self::start(Box::new(rd), Box::new(wr), cfg).await
+                Self::start(Box::new(rd), Box::new(wr), cfg, area).await
             }
             None => {
                 let addr = address.parse().map_err(|e| {
@@ -163,6 +201,7 @@ impl ReplicaClient {
         rd: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
         wr: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
         cfg: ClientConfig,
+        area: Option<Arc<Area>>,
     ) -> Result<ReplicaClient, ClientError> {
         let mut reader = FramedRead::new(rd, ClientCodec::default());
         let mut writer = FramedWrite::new(wr, ClientCodec::default());
@@ -186,6 +225,7 @@ impl ReplicaClient {
 
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
+            shm: area.filter(|_| hello.shm),
             closed: CancellationToken::new(),
             born: std::time::Instant::now(),
             last_reply_ms: AtomicU64::new(0),
@@ -221,17 +261,18 @@ impl ReplicaClient {
                 sh.touch();
                 let waiter = {
                     let mut pending = sh.pending.lock();
-                    let w = pending.remove(&reply.id);
-                    if let (Some(Waiter::Stream(tx)), true) = (&w, reply.more) {
-                        pending.insert(reply.id, Waiter::Stream(tx.clone()));
+                    let p = pending.remove(&reply.id);
+                    if let (Some(Pending { waiter: Waiter::Stream(tx), .. }), true) = (&p, reply.more) {
+                        pending.insert(reply.id, Pending { waiter: Waiter::Stream(tx.clone()), keep: None });
                     }
-                    w
+                    p
                 };
                 match waiter {
-                    Some(Waiter::One(tx)) => {
-                        let _ = tx.send(reply);
+                    // A caller that gave up drops the slot here, after the reply: safe to reuse.
+                    Some(Pending { waiter: Waiter::One(tx), keep }) => {
+                        let _ = tx.send((reply, keep));
                     }
-                    Some(Waiter::Stream(tx)) => {
+                    Some(Pending { waiter: Waiter::Stream(tx), .. }) => {
                         // A slow stream consumer slows this connection: the stream is for bulk
                         // copies that own their connection.
                         let _ = tx.send(reply).await;
@@ -239,9 +280,8 @@ impl ReplicaClient {
                     None => {}
                 }
             }
-            sh.closed.cancel();
             // Fail everything still waiting.
-            sh.pending.lock().clear();
+            sh.close();
         });
         let client =
             ReplicaClient { shared, out, next_id: AtomicU64::new(1), timeout: cfg.request_timeout, hello };
@@ -261,7 +301,7 @@ impl ReplicaClient {
                         _ = tick.tick() => {}
                     }
                     if shared.silence() > dead_after {
-                        shared.closed.cancel();
+                        shared.close();
                         break;
                     }
                     // Ping replies carry id 0 and are simply dropped by the reader; a full queue
@@ -290,12 +330,19 @@ impl ReplicaClient {
     }
 
     async fn call(&self, op: Op) -> Result<Reply, ClientError> {
+        self.exchange(op, None).await.map(|(r, _)| r)
+    }
+
+    /// Sends `op` and waits for its reply; `keep` (shared memory the request uses) stays in the
+    /// pending table until the replica answered, and comes back with the reply.
+    async fn exchange(&self, op: Op, keep: Option<Keep>) -> Result<(Reply, Option<Keep>), ClientError> {
         if self.is_closed() {
             return Err(ClientError::Closed);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.shared.pending.lock().insert(id, Waiter::One(tx));
+        let shared_memory = keep.is_some();
+        self.shared.pending.lock().insert(id, Pending { waiter: Waiter::One(tx), keep });
         // Queueing counts against the timeout too: a replica that stopped reading fills the queue.
         let exchange = async {
             self.out.send(Request { id, op }).await.map_err(|_| ClientError::Closed)?;
@@ -308,16 +355,36 @@ impl ReplicaClient {
         };
         match outcome {
             Err(_) => {
-                self.shared.pending.lock().remove(&id);
+                if shared_memory {
+                    // The replica may still be using the slot: nothing of the area is reused.
+                    self.shared.close();
+                } else {
+                    self.shared.pending.lock().remove(&id);
+                }
                 Err(ClientError::Timeout(self.timeout))
             }
             Ok(Err(e)) => {
-                self.shared.pending.lock().remove(&id);
+                if shared_memory {
+                    self.shared.close();
+                } else {
+                    self.shared.pending.lock().remove(&id);
+                }
                 Err(e)
             }
-            Ok(Ok(r)) if r.status == Status::Ok => Ok(r),
-            Ok(Ok(r)) => Err(remote(r)),
+            Ok(Ok((r, keep))) if r.status == Status::Ok => Ok((r, keep)),
+            Ok(Ok((r, _))) => Err(remote(r)),
         }
+    }
+
+    /// Whether this connection moves large payloads through shared memory.
+    pub fn has_shared_memory(&self) -> bool {
+        self.shared.shm.as_ref().is_some_and(|a| !a.is_dead())
+    }
+
+    /// A buffer for a write payload of `len` bytes in this connection's shared memory, if it has
+    /// some and room: a write of it to this replica then moves no payload over the socket.
+    pub fn write_buffer(&self, len: usize) -> Option<Slot> {
+        self.shared.shm.as_ref()?.alloc(len)
     }
 
     pub async fn ping(&self) -> Result<(), ClientError> {
@@ -325,6 +392,16 @@ impl ReplicaClient {
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
+        if let Some(slot) = self.shared.shm.as_ref().and_then(|a| a.alloc(len as usize)) {
+            let op = Op::ReadShm { offset, len, shm_offset: slot.offset() };
+            return match self.exchange(op, Some(Keep::Slot(slot))).await? {
+                (r, _) if !r.payload.is_empty() => {
+                    Err(ClientError::Protocol("a shared-memory read answered with a payload".into()))
+                }
+                (_, Some(Keep::Slot(slot))) => Ok(slot.into_bytes()),
+                _ => Err(ClientError::Protocol("a shared-memory read lost its slot".into())),
+            };
+        }
         let r = self.call(Op::Read { offset, len }).await?;
         if r.payload.len() != len as usize {
             return Err(ClientError::Protocol(format!("read returned {} bytes, not {len}", r.payload.len())));
@@ -340,7 +417,14 @@ impl ReplicaClient {
         Ok(r.payload)
     }
 
+    /// Writes `data`; when it lies in this connection's shared memory (see
+    /// [`ReplicaClient::write_buffer`]) only its offset there crosses the socket.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ClientError> {
+        let in_area = self.shared.shm.as_ref().and_then(|a| a.offset_of(&data));
+        if let (Some(shm_offset), Ok(len)) = (in_area, u32::try_from(data.len())) {
+            let op = Op::WriteShm { offset, len, shm_offset, fua };
+            return self.exchange(op, Some(Keep::Data(data))).await.map(drop);
+        }
         self.call(Op::Write { offset, data, fua }).await.map(drop)
     }
 
@@ -470,7 +554,7 @@ impl ReplicaClient {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<Reply>(8);
-        self.shared.pending.lock().insert(id, Waiter::Stream(tx));
+        self.shared.pending.lock().insert(id, Pending { waiter: Waiter::Stream(tx), keep: None });
         let op = Op::ReadAllocated { snapshot: snapshot.map(str::to_owned), offset, len };
         if self.out.send(Request { id, op }).await.is_err() {
             self.shared.pending.lock().remove(&id);
@@ -499,6 +583,23 @@ impl ReplicaClient {
         });
         Ok(orx)
     }
+}
+
+/// The unix-socket preamble (docs/protocol.md): `S` and the memfd of `area`, or `N`.
+async fn send_preamble(stream: &tokio::net::UnixStream, area: Option<&Area>) -> std::io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::{AsRawFd, RawFd};
+    let fds: Vec<RawFd> = area.map(|a| a.fd().as_raw_fd()).into_iter().collect();
+    let byte = if fds.is_empty() { b"N" } else { b"S" };
+    stream
+        .async_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [std::io::IoSlice::new(byte)];
+            let cmsgs: Vec<ControlMessage<'_>> =
+                if fds.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(&fds)] };
+            let n = sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+            if n == 1 { Ok(()) } else { Err(std::io::ErrorKind::WriteZero.into()) }
+        })
+        .await
 }
 
 fn u64_payload(r: &Reply) -> Result<u64, ClientError> {

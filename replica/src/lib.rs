@@ -3,6 +3,7 @@
 //! - [`store`]: the thin, copy-on-write store (data file + RocksDB metadata).
 //! - [`wire`]: the engine-replica data protocol's frames and their codec.
 //! - [`server`]: the data protocol server over TCP and unix sockets.
+//! - [`shm`]: the shared-memory data channel to an engine on the same node.
 //! - [`client`]: a pipelined client of that protocol (used by the engine, tests and benchmarks).
 //! - [`mgmt`]: the gRPC management API (create, open, delete, snapshots, clone, resize, stat).
 
@@ -11,6 +12,7 @@ pub mod error;
 pub mod mgmt;
 pub mod process;
 pub mod server;
+pub mod shm;
 pub mod store;
 pub mod units;
 pub mod wire;

@@ -26,6 +26,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::error::StoreError;
+use crate::shm::{Mapping, Ranges};
 use crate::store::{CreateOptions, Store};
 use crate::wire::{self, HelloReply, Op, Reply, Request, ServerCodec, SnapshotEntry, StatReply, Status};
 
@@ -114,6 +115,8 @@ struct Conn {
     authority: Mutex<Authority>,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// The engine's shared memory, when it offered some over a unix socket.
+    shm: Option<Arc<Ranges>>,
 }
 
 impl Conn {
@@ -329,14 +332,19 @@ impl From<UnixListener> for DataListener {
     }
 }
 
+/// An accepted connection, before its transport preamble.
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
 impl DataListener {
-    async fn accept(&self) -> std::io::Result<(Rd, Wr, String)> {
+    async fn accept(&self) -> std::io::Result<(Accepted, String)> {
         match self {
             DataListener::Tcp(l) => {
                 let (stream, peer) = l.accept().await?;
                 let _ = stream.set_nodelay(true);
-                let (rd, wr) = stream.into_split();
-                Ok((Box::new(rd), Box::new(wr), peer.to_string()))
+                Ok((Accepted::Tcp(stream), peer.to_string()))
             }
             DataListener::Unix(l) => {
                 let (stream, _) = l.accept().await?;
@@ -344,9 +352,49 @@ impl DataListener {
                     Ok(c) => format!("unix pid {}", c.pid().unwrap_or(0)),
                     Err(_) => "unix".to_owned(),
                 };
-                let (rd, wr) = stream.into_split();
-                Ok((Box::new(rd), Box::new(wr), peer))
+                Ok((Accepted::Unix(stream), peer))
             }
+        }
+    }
+}
+
+/// The unix-socket preamble (docs/protocol.md): one byte, `S` with a memfd (SCM_RIGHTS) the engine
+/// offers as shared memory, or `N` without. `Ok(None)` when nothing usable was offered.
+async fn unix_preamble(stream: &tokio::net::UnixStream) -> std::io::Result<Option<Mapping>> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let (n, byte, mut fds) = stream
+        .async_io(tokio::io::Interest::READABLE, || {
+            let mut b = [0u8; 1];
+            let mut iov = [std::io::IoSliceMut::new(&mut b)];
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+            let msg =
+                recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+            let mut fds = Vec::new();
+            for c in msg.cmsgs()? {
+                if let ControlMessageOwned::ScmRights(received) = c {
+                    // SAFETY: descriptors that just arrived with this message belong to no one
+                    // else; wrapping them at once closes every one that is not used.
+                    fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                }
+            }
+            let n = msg.bytes;
+            Ok((n, b[0], fds))
+        })
+        .await?;
+    match (n, byte, fds.len()) {
+        (0, _, _) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        (_, b'N', 0) => Ok(None),
+        (_, b'S', 1) => match fds.pop().map(Mapping::attach) {
+            Some(Ok(m)) => Ok(Some(m)),
+            Some(Err(e)) => {
+                warn!(error = %e, "shared memory offered by the engine refused; using the socket");
+                Ok(None)
+            }
+            None => Ok(None),
+        },
+        (_, b, k) => {
+            Err(std::io::Error::other(format!("bad transport preamble {b:#x} with {k} descriptors")))
         }
     }
 }
@@ -362,7 +410,7 @@ pub async fn serve(listener: impl Into<DataListener>, replica: Arc<Replica>, shu
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((rd, wr, peer)) => {
+            Ok((stream, peer)) => {
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     warn!(volume_id = %replica.cfg.volume_id, %peer, "refused connection: too many connections");
                     continue;
@@ -372,7 +420,7 @@ pub async fn serve(listener: impl Into<DataListener>, replica: Arc<Replica>, shu
                 let span = info_span!("conn", volume_id = %replica.cfg.volume_id, %peer);
                 tracker.spawn(
                     async move {
-                        handle_conn(r, rd, wr, peer, sd).await;
+                        handle_conn(r, stream, peer, sd).await;
                         drop(slot);
                     }
                     .instrument(span),
@@ -392,6 +440,7 @@ async fn handshake(
     replica: &Replica,
     reader: &mut FramedRead<Rd, ServerCodec>,
     writer: &mut FramedWrite<Wr, ServerCodec>,
+    shm: bool,
 ) -> Option<(u64, Uuid)> {
     let first = tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await;
     let (id, hello) = match first {
@@ -439,6 +488,7 @@ async fn handshake(
                         size,
                         epoch: current,
                         max_io: wire::MAX_IO,
+                        shm,
                     };
                     Ok(Reply::ok(id, Bytes::from(serde_json::to_vec(&r).unwrap_or_default())))
                 }
@@ -454,10 +504,31 @@ async fn handshake(
     }
 }
 
-async fn handle_conn(replica: Arc<Replica>, rd: Rd, wr: Wr, peer: String, shutdown: CancellationToken) {
+async fn handle_conn(replica: Arc<Replica>, stream: Accepted, peer: String, shutdown: CancellationToken) {
+    let (rd, wr, shm): (Rd, Wr, _) = match stream {
+        Accepted::Tcp(s) => {
+            let (rd, wr) = s.into_split();
+            (Box::new(rd), Box::new(wr), None)
+        }
+        Accepted::Unix(s) => {
+            let shm = match tokio::time::timeout(HELLO_TIMEOUT, unix_preamble(&s)).await {
+                Ok(Ok(m)) => m.map(Ranges::new),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "transport preamble failed; closing");
+                    return;
+                }
+                Err(_) => {
+                    warn!("no transport preamble in time; closing");
+                    return;
+                }
+            };
+            let (rd, wr) = s.into_split();
+            (Box::new(rd), Box::new(wr), shm)
+        }
+    };
     let mut reader = FramedRead::new(rd, ServerCodec { max_frame: PRE_AUTH_MAX_FRAME });
     let mut writer = FramedWrite::new(wr, ServerCodec::default());
-    let Some(authority) = handshake(&replica, &mut reader, &mut writer).await else { return };
+    let Some(authority) = handshake(&replica, &mut reader, &mut writer, shm.is_some()).await else { return };
     reader.decoder_mut().max_frame = wire::MAX_FRAME;
     let conn = Arc::new(Conn {
         id: replica.next_conn.fetch_add(1, Ordering::Relaxed),
@@ -465,6 +536,7 @@ async fn handle_conn(replica: Arc<Replica>, rd: Rd, wr: Wr, peer: String, shutdo
         authority: Mutex::new(Authority { current: authority, pending: None }),
         cancel: CancellationToken::new(),
         tracker: TaskTracker::new(),
+        shm,
     });
     replica.conns.lock().insert(conn.id, conn.clone());
     debug!(epoch = authority.0, engine = %authority.1, "connection accepted");
@@ -531,6 +603,17 @@ async fn handle_conn(replica: Arc<Replica>, rd: Rd, wr: Wr, peer: String, shutdo
     }
     replica.conns.lock().remove(&conn.id);
     debug!("connection closed");
+}
+
+/// The part of the connection's shared memory a request names.
+fn shm_range(conn: &Conn, offset: u64, len: u32) -> Result<crate::shm::Range, StoreError> {
+    if len > wire::MAX_IO {
+        return Err(StoreError::InvalidArgument(format!("length {len} exceeds {}", wire::MAX_IO)));
+    }
+    let Some(ranges) = &conn.shm else {
+        return Err(StoreError::InvalidArgument("this connection has no shared memory".into()));
+    };
+    ranges.take(offset, len).map_err(|e| StoreError::InvalidArgument(e.to_string()))
 }
 
 /// `None` when `conn` holds the replica's current epoch; otherwise the refusal.
@@ -667,6 +750,43 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
                 Ok(false) => blocking(move || store.write(offset, &data, fua).map(|()| Bytes::new())).await,
             }
         }
+        Op::ReadShm { offset, len, shm_offset } => match shm_range(conn, shm_offset, len) {
+            Ok(mut range) => {
+                // Cached reads are answered here, as for socket reads; the rest go to the pool.
+                let inline = if len as usize <= INLINE_IO {
+                    store.read_cached(offset, range.as_mut_slice())
+                } else {
+                    Ok(false)
+                };
+                match inline {
+                    Ok(true) => Ok(Bytes::new()),
+                    Err(e) => Err(e),
+                    Ok(false) => {
+                        blocking(move || store.read(offset, range.as_mut_slice()).map(|()| Bytes::new()))
+                            .await
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        },
+        Op::WriteShm { offset, len, shm_offset, fua } => match shm_range(conn, shm_offset, len) {
+            Ok(range) => {
+                let inline = if !fua && len as usize <= INLINE_IO {
+                    store.try_write_inline(offset, range.as_slice())
+                } else {
+                    Ok(false)
+                };
+                match inline {
+                    Ok(true) => Ok(Bytes::new()),
+                    Err(e) => Err(e),
+                    Ok(false) => {
+                        blocking(move || store.write(offset, range.as_slice(), fua).map(|()| Bytes::new()))
+                            .await
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        },
         Op::Flush => {
             blocking(move || store.flush().map(|point| Bytes::copy_from_slice(&point.to_be_bytes()))).await
         }

@@ -42,6 +42,8 @@ pub mod opcode {
     pub const UNMAP: u8 = 0x13;
     pub const WRITE_ZEROES: u8 = 0x14;
     pub const READ_SNAPSHOT: u8 = 0x15;
+    pub const READ_SHM: u8 = 0x16;
+    pub const WRITE_SHM: u8 = 0x17;
     pub const SNAPSHOT_CREATE: u8 = 0x20;
     pub const SNAPSHOT_DELETE: u8 = 0x21;
     pub const SNAPSHOT_LIST: u8 = 0x22;
@@ -131,6 +133,9 @@ pub struct HelloReply {
     pub size: u64,
     pub epoch: u64,
     pub max_io: u32,
+    /// The replica mapped the shared memory the engine offered: `READ_SHM` / `WRITE_SHM` work.
+    #[serde(default)]
+    pub shm: bool,
 }
 
 /// The replica's state as reported by `STAT`.
@@ -178,6 +183,20 @@ pub enum Op {
     Write {
         offset: u64,
         data: Bytes,
+        fua: bool,
+    },
+    /// Reads `len` bytes at `offset` into the shared memory at `shm_offset`; the reply has no
+    /// payload.
+    ReadShm {
+        offset: u64,
+        len: u32,
+        shm_offset: u64,
+    },
+    /// Writes the `len` bytes at `shm_offset` of the shared memory to `offset`.
+    WriteShm {
+        offset: u64,
+        len: u32,
+        shm_offset: u64,
         fua: bool,
     },
     Flush,
@@ -350,6 +369,17 @@ fn decode_op(code: u8, flags: u8, offset: u64, length: u32, mut body: BytesMut) 
             }
             Ok(Op::Write { offset, data: body.freeze(), fua: flags & FLAG_FUA != 0 })
         }
+        READ_SHM | WRITE_SHM => {
+            if body.len() != 8 {
+                return Err("a shared-memory request takes an 8-byte area offset".into());
+            }
+            let shm_offset = body.get_u64();
+            Ok(if code == READ_SHM {
+                Op::ReadShm { offset, len: length, shm_offset }
+            } else {
+                Op::WriteShm { offset, len: length, shm_offset, fua: flags & FLAG_FUA != 0 }
+            })
+        }
         FLUSH => no_payload(&body, Op::Flush),
         UNMAP => no_payload(&body, Op::Unmap { offset, len: length }),
         WRITE_ZEROES => no_payload(&body, Op::WriteZeroes { offset, len: length }),
@@ -489,6 +519,14 @@ impl Encoder<Request> for ClientCodec {
                 // Copied once, straight into the frame below.
                 bulk = Some(data);
             }
+            Op::ReadShm { offset: o, len, shm_offset } => {
+                (code, flags, offset, length) = (READ_SHM, 0, o, len);
+                payload.put_u64(shm_offset);
+            }
+            Op::WriteShm { offset: o, len, shm_offset, fua } => {
+                (code, flags, offset, length) = (WRITE_SHM, if fua { FLAG_FUA } else { 0 }, o, len);
+                payload.put_u64(shm_offset);
+            }
             Op::Flush => (code, flags, offset, length) = (FLUSH, 0, 0, 0),
             Op::Unmap { offset: o, len } => (code, flags, offset, length) = (UNMAP, 0, o, len),
             Op::WriteZeroes { offset: o, len } => (code, flags, offset, length) = (WRITE_ZEROES, 0, o, len),
@@ -585,6 +623,9 @@ mod tests {
             Op::Ping,
             Op::Read { offset: 4096, len: 8192 },
             Op::Write { offset: 0, data: Bytes::from(vec![7u8; 4096]), fua: true },
+            Op::ReadShm { offset: 1 << 30, len: 131_072, shm_offset: 65536 },
+            Op::WriteShm { offset: 4096, len: 65536, shm_offset: 0, fua: false },
+            Op::WriteShm { offset: 8192, len: 16384, shm_offset: 1 << 20, fua: true },
             Op::Flush,
             Op::Unmap { offset: 1 << 40, len: 4096 },
             Op::WriteZeroes { offset: 8192, len: 4096 },

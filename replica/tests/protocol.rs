@@ -496,6 +496,7 @@ async fn mute_replica() -> SocketAddr {
             size: 64 * MIB,
             epoch: 0,
             max_io: wire::MAX_IO,
+            shm: false,
         };
         f.send(wire::Reply::ok(0, Bytes::from(serde_json::to_vec(&reply).unwrap()))).await.unwrap();
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -560,4 +561,126 @@ async fn the_protocol_works_the_same_over_a_unix_socket() {
         ReplicaClient::connect_to("nowhere", cfg(1, engine)).await,
         Err(ClientError::Protocol(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transfers_to_a_local_engine_go_through_shared_memory() {
+    let s = server().await;
+    let engine = Uuid::new_v4();
+    let c = Arc::new(ReplicaClient::connect_to(&s.unix, cfg(1, engine)).await.unwrap());
+    assert!(c.hello().shm && c.has_shared_memory(), "the replica mapped the engine's memory");
+    c.fence(1, engine).await.unwrap();
+    // More writes in flight than the area has room for: the rest use heap buffers and the socket.
+    let writes: Vec<_> = (0..40u64)
+        .map(|i| {
+            let c = c.clone();
+            let data = block(i, 128 * 1024);
+            let buf = c.write_buffer(data.len()).map(|mut slot| {
+                slot.as_mut_slice().copy_from_slice(&data);
+                slot.into_bytes()
+            });
+            let used_shm = buf.is_some();
+            tokio::spawn(async move {
+                c.write(i * 128 * 1024, buf.unwrap_or(data), false).await.unwrap();
+                used_shm
+            })
+        })
+        .collect();
+    let mut through_shm = 0;
+    for w in writes {
+        through_shm += usize::from(w.await.unwrap());
+    }
+    assert!((1..40).contains(&through_shm), "{through_shm} of 40 writes used shared memory");
+    // Read back over shared memory, over the socket (small reads) and over TCP: all agree.
+    let t = ReplicaClient::connect(s.data, cfg(1, engine)).await.unwrap();
+    for i in 0..40u64 {
+        let want = block(i, 128 * 1024);
+        assert_eq!(c.read(i * 128 * 1024, 128 * 1024).await.unwrap(), want, "block {i} over shared memory");
+        assert_eq!(t.read(i * 128 * 1024, 128 * 1024).await.unwrap(), want, "block {i} over TCP");
+        assert_eq!(c.read(i * 128 * 1024 + 4096, 4096).await.unwrap(), want.slice(4096..8192));
+    }
+    // Every slot came back once its request was answered: the largest request still fits.
+    assert!(c.write_buffer(barnacle_replica::shm::MAX_IO).is_some());
+}
+
+/// Sends the unix transport preamble by hand: `byte`, with `fd` attached if given.
+fn preamble(stream: &std::os::unix::net::UnixStream, byte: u8, fd: Option<std::os::fd::RawFd>) {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let fds: Vec<_> = fd.into_iter().collect();
+    let cmsgs: Vec<ControlMessage<'_>> =
+        if fds.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(&fds)] };
+    let n =
+        sendmsg::<()>(stream.as_raw_fd(), &[std::io::IoSlice::new(&[byte])], &cmsgs, MsgFlags::empty(), None)
+            .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn shared_memory_requests_are_checked() {
+    use std::os::fd::AsRawFd;
+    let s = server().await;
+    let path = s.unix.strip_prefix("unix:").unwrap().to_owned();
+    let engine = Uuid::new_v4();
+    let hello = |epoch| {
+        Op::Hello(Hello {
+            version: wire::VERSION,
+            volume_id: VOL.into(),
+            token: TOKEN.into(),
+            epoch,
+            engine_id: engine,
+        })
+    };
+    // A sealed area: the replica maps it, but refuses ranges outside it.
+    let area = barnacle_replica::shm::Area::create().unwrap();
+    let std_stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    preamble(&std_stream, b'S', Some(area.fd().as_raw_fd()));
+    std_stream.set_nonblocking(true).unwrap();
+    let mut f = Framed::new(tokio::net::UnixStream::from_std(std_stream).unwrap(), ClientCodec::default());
+    f.send(Request { id: 1, op: hello(1) }).await.unwrap();
+    let r = f.next().await.unwrap().unwrap();
+    let reply: wire::HelloReply = serde_json::from_slice(&r.payload).unwrap();
+    assert!(reply.shm);
+    f.send(Request { id: 2, op: Op::Fence { epoch: 1, engine_id: engine } }).await.unwrap();
+    assert_eq!(f.next().await.unwrap().unwrap().status, Status::Ok);
+    let size = barnacle_replica::shm::AREA_BYTES as u64;
+    for (id, op) in [
+        (3, Op::ReadShm { offset: 0, len: 65536, shm_offset: size - 4096 }),
+        (4, Op::WriteShm { offset: 0, len: 4096, shm_offset: u64::MAX - 100, fua: false }),
+        (5, Op::ReadShm { offset: 0, len: wire::MAX_IO + 4096, shm_offset: 0 }),
+    ] {
+        f.send(Request { id, op }).await.unwrap();
+        let r = f.next().await.unwrap().unwrap();
+        assert_eq!((r.id, r.status), (id, Status::Invalid), "{}", String::from_utf8_lossy(&r.payload));
+    }
+    // A range inside works, and the connection kept serving after the refusals.
+    f.send(Request { id: 6, op: Op::ReadShm { offset: 0, len: 65536, shm_offset: 65536 } }).await.unwrap();
+    let r = f.next().await.unwrap().unwrap();
+    assert_eq!((r.id, r.status, r.payload.len()), (6, Status::Ok, 0));
+
+    // Memory that could shrink under the replica is refused; the connection goes on without it.
+    let unsealed = nix::sys::memfd::memfd_create("t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+    nix::unistd::ftruncate(&unsealed, 1 << 20).unwrap();
+    let std_stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    preamble(&std_stream, b'S', Some(unsealed.as_raw_fd()));
+    std_stream.set_nonblocking(true).unwrap();
+    let mut f = Framed::new(tokio::net::UnixStream::from_std(std_stream).unwrap(), ClientCodec::default());
+    f.send(Request { id: 1, op: hello(1) }).await.unwrap();
+    let r = f.next().await.unwrap().unwrap();
+    let reply: wire::HelloReply = serde_json::from_slice(&r.payload).unwrap();
+    assert!(!reply.shm);
+    f.send(Request { id: 2, op: Op::ReadShm { offset: 0, len: 65536, shm_offset: 0 } }).await.unwrap();
+    assert_eq!(f.next().await.unwrap().unwrap().status, Status::Invalid);
+
+    // An unknown preamble closes the connection before any hello.
+    let std_stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    preamble(&std_stream, b'X', None);
+    std_stream.set_nonblocking(true).unwrap();
+    let mut f = Framed::new(tokio::net::UnixStream::from_std(std_stream).unwrap(), ClientCodec::default());
+    let _ = f.send(Request { id: 1, op: hello(1) }).await;
+    assert!(matches!(f.next().await, None | Some(Err(_))));
+
+    // Over TCP there is no shared memory to name.
+    let (c, _) = fenced(&s, 2).await;
+    assert!(!c.has_shared_memory());
 }

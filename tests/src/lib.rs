@@ -398,13 +398,18 @@ pub fn metric(body: &str, metric: &str, labels: &[&str]) -> Option<f64> {
 /// Starts fio writing 4 KiB blocks at random over the first `size_mib` MiB through NBD `uri`,
 /// 8 in flight, then reading everything back against crc32c checksums; JSON report to `out`.
 pub fn fio_verified_load(uri: &str, size_mib: u64, out: &Path) -> Child {
+    fio_verified_load_bs(uri, size_mib, out, "--bs=4k")
+}
+
+/// [`fio_verified_load`] with another block size option (`--bs=...` or `--bsrange=...`).
+pub fn fio_verified_load_bs(uri: &str, size_mib: u64, out: &Path, bs: &str) -> Child {
     Command::new("fio")
         .args([
             "--name=load",
             "--ioengine=nbd",
             &format!("--uri={uri}"),
             "--rw=randwrite",
-            "--bs=4k",
+            bs,
             &format!("--size={size_mib}m"),
             "--iodepth=8",
             "--verify=crc32c",

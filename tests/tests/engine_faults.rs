@@ -252,3 +252,21 @@ async fn a_member_silent_beyond_the_lease_is_ejected_before_io_is_served() {
         "r2 was not ejected by the lease check"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_volume_ejects_a_replica_whose_connection_closed() {
+    let mut s = setup(3);
+    let _engine = s.engine("engine", &["--replica-timeout-ms", "1000", "--heartbeat-ms", "200"]);
+    s.replicas[1].kill();
+    // No IO at all: the watchdog notices the closed connection.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = s.membership("engine");
+        if m["replicas"][1]["state"] == "ejected" {
+            assert_eq!(m["replicas"][0]["state"], "healthy", "{m}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "r1 still in the configuration: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

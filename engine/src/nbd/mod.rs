@@ -13,6 +13,7 @@ pub mod proto;
 use std::future::Future;
 use std::sync::Arc;
 
+use barnacle_replica::shm::Slot;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
@@ -63,6 +64,10 @@ pub trait Backend: Send + Sync + 'static {
         len: u32,
         fua: bool,
     ) -> impl Future<Output = Result<(), IoError>> + Send;
+    /// Where to put a write payload of `len` bytes so the backend moves it without copying (shared
+    /// memory with a replica on this node); `None`: an ordinary buffer. Required, so a wrapper
+    /// cannot silently lose it.
+    fn write_buffer(&self, len: usize) -> Option<Slot>;
 }
 
 /// How an export presents itself.
@@ -350,6 +355,12 @@ where
                 match skipped {
                     Ok(n) if n == u64::from(h.length) => None,
                     Ok(_) => break Ok(()),
+                    Err(e) => break Err(e.into()),
+                }
+            } else if let Some(mut slot) = backend.write_buffer(h.length as usize) {
+                // Straight into shared memory: the local replica writes it from there.
+                match rd.read_exact(slot.as_mut_slice()).await {
+                    Ok(_) => Some(slot.into_bytes()),
                     Err(e) => break Err(e.into()),
                 }
             } else {

@@ -5,8 +5,8 @@
 //! times out is ejected first: the new membership (next epoch, member marked ejected) is committed
 //! by compare-and-set through the [`MembershipAuthority`] and fenced onto the remaining members, and
 //! only then does the IO complete (DESIGN rules 1 and 2). If the authority cannot be reached the IO
-//! fails; it never proceeds on a smaller set. Reads go to one healthy member, round robin, and move
-//! to another (ejecting the failed one) on error. Overlapping writes are serialised by a range lock
+//! fails; it never proceeds on a smaller set. Reads go to one healthy member (one on this node while
+//! it keeps up, else round robin) and move to another (ejecting the failed one) on error. Overlapping writes are serialised by a range lock
 //! (rule 4). A replica that answers "stale epoch" means a newer engine exists: this one is deposed,
 //! fails all IO and stops (rule 3).
 //!
@@ -81,6 +81,28 @@ pub enum VolumeError {
 struct Member {
     id: String,
     client: ReplicaClient,
+    /// Reads in flight to this member.
+    reading: AtomicUsize,
+}
+
+/// Reads in flight a member on this node (one reached through shared memory) takes before reads
+/// spill over to the other members: up to this depth it outpaces a network hop.
+const LOCAL_READ_DEPTH: usize = 64;
+
+/// Counts a read in flight to a member.
+struct Reading<'a>(&'a AtomicUsize);
+
+impl<'a> Reading<'a> {
+    fn start(m: &'a Member) -> Reading<'a> {
+        m.reading.fetch_add(1, Ordering::Relaxed);
+        Reading(&m.reading)
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The committed configuration this engine serves, with a connection to each healthy member,
@@ -337,7 +359,7 @@ impl Volume {
                               "replica answers with another store identity: ejecting it for a full rebuild");
                         unfenced.push(id);
                     } else {
-                        members.push(Arc::new(Member { id, client }));
+                        members.push(Arc::new(Member { id, client, reading: AtomicUsize::new(0) }));
                     }
                 }
                 Err(e) if is_deposing(&e) => {
@@ -421,6 +443,7 @@ impl Volume {
         vol.resynced.store(copied, Ordering::Relaxed);
         info!(volume_id = %vol.cfg.volume_id, size, healthy, "volume serving");
         vol.spawn_rebuilder();
+        vol.spawn_watchdog();
         Ok(vol)
     }
 
@@ -616,6 +639,58 @@ impl Volume {
         }
         self.enough(view.members.len())?;
         Ok(view)
+    }
+
+    /// The member to read from: one on this node (reached through shared memory) while it has
+    /// fewer than [`LOCAL_READ_DEPTH`] reads in flight, otherwise round robin over the others
+    /// (all of them when none is local).
+    fn reader(&self, members: &[Arc<Member>]) -> Arc<Member> {
+        let turn = self.next_read.fetch_add(1, Ordering::Relaxed);
+        let local = members
+            .iter()
+            .filter(|m| m.client.has_shared_memory())
+            .min_by_key(|m| m.reading.load(Ordering::Relaxed));
+        if let Some(m) = local.filter(|m| m.reading.load(Ordering::Relaxed) < LOCAL_READ_DEPTH) {
+            return m.clone();
+        }
+        let remote: Vec<&Arc<Member>> = members.iter().filter(|m| !m.client.has_shared_memory()).collect();
+        match remote.len() {
+            0 => members[turn % members.len()].clone(),
+            n => remote[turn % n].clone(),
+        }
+    }
+
+    /// Starts the task that ejects members whose connection closed (an error, or heartbeats
+    /// unanswered for four beats) while no IO noticed, as on an idle volume: the status shows it
+    /// and the rebuild starts at once. Silence shorter than that is the lease check's business,
+    /// on the IO path.
+    fn spawn_watchdog(self: &Arc<Self>) {
+        if self.cfg.heartbeat.is_zero() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let deposed = self.deposed.clone();
+        let every = self.cfg.heartbeat;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = deposed.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                let Some(vol) = weak.upgrade() else { return };
+                let view = vol.view.read().clone();
+                let gone: Vec<String> =
+                    view.members.iter().filter(|m| m.client.is_closed()).map(|m| m.id.clone()).collect();
+                // Below the minimum the next IO fails and reports it; nothing to commit here.
+                if gone.is_empty() || view.members.len() - gone.len() < vol.cfg.min_healthy.max(1) {
+                    continue;
+                }
+                warn!(volume_id = %vol.cfg.volume_id, replicas = ?gone, "replica connection lost; ejecting");
+                if let Err(e) = vol.eject(&gone).await {
+                    warn!(volume_id = %vol.cfg.volume_id, error = %e, "ejection failed");
+                }
+            }
+        });
     }
 
     /// How long a member may stay silent while this engine serves IO: longer than a heartbeat
@@ -964,8 +1039,11 @@ impl Backend for Volume {
                 self.eject(&closed).await?;
                 continue;
             }
-            let m = members[self.next_read.fetch_add(1, Ordering::Relaxed) % members.len()].clone();
-            match m.client.read(offset, len).await {
+            let m = self.reader(&members);
+            let reading = Reading::start(&m);
+            let read = m.client.read(offset, len).await;
+            drop(reading);
+            match read {
                 // The lease must still hold when the data is handed out, not only when the read
                 // was sent (a slow member could answer after a successor started writing).
                 Ok(b) => {
@@ -982,6 +1060,11 @@ impl Backend for Volume {
                 }
             }
         }
+    }
+
+    fn write_buffer(&self, len: usize) -> Option<barnacle_replica::shm::Slot> {
+        let view = self.view.read().clone();
+        view.members.iter().chain(view.joining.iter()).find_map(|m| m.client.write_buffer(len))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {

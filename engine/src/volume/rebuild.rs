@@ -25,7 +25,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use barnacle_replica::client::ClientError;
@@ -215,7 +215,7 @@ impl Volume {
             }
             Err(e) => return Err(RebuildError::Unreachable(e)),
         };
-        let target = Arc::new(Member { id: rec.id.clone(), client });
+        let target = Arc::new(Member { id: rec.id.clone(), client, reading: AtomicUsize::new(0) });
         let identity = target.client.hello().store_id;
         let view = self.view.read().clone();
         // A source's stamps must go back to before the ejection epoch.
