@@ -130,6 +130,9 @@ impl Shared {
 pub struct ReplicaClient {
     shared: Arc<Shared>,
     out: mpsc::Sender<Request>,
+    /// The connection's write half. A caller that finds it free and nothing queued writes its
+    /// request itself; otherwise the request queues for the writer task, which batches.
+    writer: Arc<tokio::sync::Mutex<FramedWrite<Box<dyn tokio::io::AsyncWrite + Send + Unpin>, ClientCodec>>>,
     next_id: AtomicU64,
     timeout: Duration,
     hello: HelloReply,
@@ -232,9 +235,12 @@ impl ReplicaClient {
         });
         let (out, mut out_rx) = mpsc::channel::<Request>(256);
         let closed = shared.closed.clone();
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
+        let queue_writer = writer.clone();
         tokio::spawn(async move {
             let write = async {
                 while let Some(req) = out_rx.recv().await {
+                    let mut writer = queue_writer.lock().await;
                     writer.feed(req).await?;
                     while let Ok(req) = out_rx.try_recv() {
                         writer.feed(req).await?;
@@ -283,8 +289,14 @@ impl ReplicaClient {
             // Fail everything still waiting.
             sh.close();
         });
-        let client =
-            ReplicaClient { shared, out, next_id: AtomicU64::new(1), timeout: cfg.request_timeout, hello };
+        let client = ReplicaClient {
+            shared,
+            out,
+            writer,
+            next_id: AtomicU64::new(1),
+            timeout: cfg.request_timeout,
+            hello,
+        };
         if !cfg.heartbeat.is_zero() {
             let out = client.out.clone();
             let shared = client.shared.clone();
@@ -345,7 +357,18 @@ impl ReplicaClient {
         self.shared.pending.lock().insert(id, Pending { waiter: Waiter::One(tx), keep });
         // Queueing counts against the timeout too: a replica that stopped reading fills the queue.
         let exchange = async {
-            self.out.send(Request { id, op }).await.map_err(|_| ClientError::Closed)?;
+            let req = Request { id, op };
+            let idle = self.out.capacity() == self.out.max_capacity();
+            match self.writer.try_lock() {
+                // No hand-off to the writer task: a lone request leaves at once.
+                Ok(mut w) if idle => {
+                    if let Err(e) = w.send(req).await {
+                        self.shared.close();
+                        return Err(wire_err(e));
+                    }
+                }
+                _ => self.out.send(req).await.map_err(|_| ClientError::Closed)?,
+            }
             rx.await.map_err(|_| ClientError::Closed)
         };
         let closed = self.shared.closed.clone();

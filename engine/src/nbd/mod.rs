@@ -16,9 +16,7 @@ use std::sync::Arc;
 use barnacle_replica::shm::Slot;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use self::proto::*;
@@ -287,6 +285,145 @@ fn check(cfg: &ExportConfig, size: u64, h: &RequestHeader, is_read: bool) -> Res
     }
 }
 
+/// What the request reader produced: a request to run (with its write payload), or the end.
+enum Incoming {
+    Request(RequestHeader, Option<Bytes>),
+    Disconnect,
+}
+
+/// Reads one request (and a write's payload) from `rd`, handing `rd` back for the next one, so
+/// the read survives being raced against completions.
+async fn read_request<R, B>(
+    mut rd: tokio::io::BufReader<R>,
+    backend: Arc<B>,
+    max_block: u32,
+) -> (tokio::io::BufReader<R>, Result<Incoming, ConnError>)
+where
+    R: AsyncRead + Unpin,
+    B: Backend,
+{
+    let r = read_request_from(&mut rd, backend.as_ref(), max_block).await;
+    (rd, r)
+}
+
+async fn read_request_from<R, B>(
+    rd: &mut tokio::io::BufReader<R>,
+    backend: &B,
+    max_block: u32,
+) -> Result<Incoming, ConnError>
+where
+    R: AsyncRead + Unpin,
+    B: Backend,
+{
+    let mut head = [0u8; REQUEST_LEN];
+    match rd.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Incoming::Disconnect),
+        Err(e) => return Err(e.into()),
+    }
+    let h = parse_request(&head).map_err(|e| ConnError::Protocol(e.to_string()))?;
+    if h.command == CMD_DISC {
+        debug!("client disconnected");
+        return Ok(Incoming::Disconnect);
+    }
+    if h.command != CMD_WRITE {
+        return Ok(Incoming::Request(h, None));
+    }
+    // A write's payload is read before anything else, so the stream stays in step even when the
+    // write is refused; one above the largest block is skipped, not buffered.
+    if h.length > max_block {
+        let skipped = tokio::io::copy(&mut rd.take(u64::from(h.length)), &mut tokio::io::sink()).await?;
+        if skipped != u64::from(h.length) {
+            return Ok(Incoming::Disconnect);
+        }
+        return Ok(Incoming::Request(h, None));
+    }
+    if let Some(mut slot) = backend.write_buffer(h.length as usize) {
+        // Straight into shared memory: the local replica writes it from there.
+        rd.read_exact(slot.as_mut_slice()).await?;
+        return Ok(Incoming::Request(h, Some(slot.into_bytes())));
+    }
+    // Read straight into uninitialised capacity: no zeroing of every payload.
+    let len = h.length as usize;
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let want = (len - buf.len()) as u64;
+        if (&mut *rd).take(want).read_buf(&mut buf).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
+    Ok(Incoming::Request(h, Some(buf.freeze())))
+}
+
+/// Runs one request against the backend; returns its reply.
+async fn run_request<B: Backend>(
+    b: Arc<B>,
+    cfg: &ExportConfig,
+    h: RequestHeader,
+    payload: Option<Bytes>,
+) -> Outgoing {
+    let fua = h.flags & CMD_FLAG_FUA != 0;
+    let no_hole = h.flags & CMD_FLAG_NO_HOLE != 0;
+    let size = b.size();
+    let outcome: Result<Option<Bytes>, IoError> = match h.command {
+        CMD_READ => match check(cfg, size, &h, true) {
+            Err(e) => Err(e),
+            Ok(()) if h.length > cfg.max_block => {
+                Err(IoError::Invalid(format!("read of {} bytes exceeds {}", h.length, cfg.max_block)))
+            }
+            Ok(()) => b.read(h.offset, h.length).await.map(Some),
+        },
+        CMD_WRITE => match (check(cfg, size, &h, false), payload) {
+            (Err(e), _) => Err(e),
+            (Ok(()), _) if h.length > cfg.max_block => {
+                Err(IoError::Invalid(format!("write of {} bytes exceeds {}", h.length, cfg.max_block)))
+            }
+            (Ok(()), Some(data)) => b.write(h.offset, data, fua).await.map(|()| None),
+            (Ok(()), None) => Err(IoError::Invalid("write without data".into())),
+        },
+        CMD_FLUSH => b.flush().await.map(|()| None),
+        CMD_TRIM => match check(cfg, size, &h, false) {
+            Err(e) => Err(e),
+            Ok(()) => {
+                let r = b.trim(h.offset, h.length).await;
+                match (r, fua) {
+                    (Ok(()), true) => b.flush().await.map(|()| None),
+                    (r, _) => r.map(|()| None),
+                }
+            }
+        },
+        CMD_WRITE_ZEROES => match check(cfg, size, &h, false) {
+            Err(e) => Err(e),
+            // NO_HOLE: the range must stay allocated, so zeros are written, not punched.
+            Ok(()) if no_hole => write_zeros(b.as_ref(), h.offset, h.length, cfg.max_block, fua).await,
+            Ok(()) => b.write_zeroes(h.offset, h.length, fua).await.map(|()| None),
+        },
+        other => Err(IoError::Invalid(format!("command {other} not supported"))),
+    };
+    match outcome {
+        Ok(data) => (simple_reply(0, h.cookie), data),
+        Err(e) => {
+            debug!(command = h.command, offset = h.offset, length = h.length, error = %e, "request failed");
+            (simple_reply(e.errno(), h.cookie), None)
+        }
+    }
+}
+
+/// Writes one reply into the buffered writer.
+async fn send_reply<W: AsyncWrite + Unpin>(wr: &mut W, (head, data): &Outgoing) -> std::io::Result<()> {
+    wr.write_all(head).await?;
+    if let Some(d) = data {
+        wr.write_all(d).await?;
+    }
+    Ok(())
+}
+
+/// The transmission phase. One task reads requests, drives every request in flight and writes
+/// the replies as they complete, so a request costs no task hand-offs of its own: a small request
+/// is read, sent to the replicas and answered by the task its replicas' answers wake.
+///
+/// A request once read always runs to completion, whatever happens to the connection: dropping a
+/// write half-way could leave replicas applying it while the engine believes it finished.
 async fn transmission<R, W, B>(
     rd: R,
     wr: W,
@@ -299,153 +436,68 @@ where
     W: AsyncWrite + Send + Unpin + 'static,
     B: Backend,
 {
+    use futures::FutureExt;
+    use futures::stream::{FuturesUnordered, StreamExt};
     // Buffered both ways: small requests and replies share syscalls; payloads larger than the
     // buffer go straight through.
-    let mut rd = tokio::io::BufReader::with_capacity(64 * 1024, rd);
+    let rd = tokio::io::BufReader::with_capacity(64 * 1024, rd);
     let mut wr = tokio::io::BufWriter::with_capacity(64 * 1024, wr);
-    let (tx, mut rx) = mpsc::channel::<Outgoing>(cfg.max_in_flight.max(1));
-    let writer = tokio::spawn(async move {
-        while let Some((head, data)) = rx.recv().await {
-            wr.write_all(&head).await?;
-            if let Some(d) = data {
-                wr.write_all(&d).await?;
-            }
-            while let Ok((head, data)) = rx.try_recv() {
-                wr.write_all(&head).await?;
-                if let Some(d) = data {
-                    wr.write_all(&d).await?;
-                }
-            }
-            wr.flush().await?;
-        }
-        Ok::<_, std::io::Error>(())
-    });
-    let tasks = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
-    let result = loop {
-        let mut head = [0u8; REQUEST_LEN];
-        let read = tokio::select! {
-            () = shutdown.cancelled() => break Ok(()),
-            r = rd.read_exact(&mut head) => r,
-        };
-        match read {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
-            Err(e) => break Err(e.into()),
-        }
-        let h = match parse_request(&head) {
-            Ok(h) => h,
-            Err(e) => break Err(ConnError::Protocol(e.to_string())),
-        };
-        let fua = h.flags & CMD_FLAG_FUA != 0;
-        let no_hole = h.flags & CMD_FLAG_NO_HOLE != 0;
-        if h.command == CMD_DISC {
-            debug!("client disconnected");
+    let max_in_flight = cfg.max_in_flight.max(1);
+    let mut in_flight = FuturesUnordered::new();
+    // The request being read: kept across iterations, so a completion never cuts a read short.
+    let mut next = Some(Box::pin(read_request(rd, backend.clone(), cfg.max_block)));
+    let result: Result<(), ConnError> = loop {
+        if next.is_none() && in_flight.is_empty() {
             break Ok(());
         }
-        // The permit comes before the payload, so buffered payloads are bounded by the in-flight
-        // limit times the largest block.
-        let Ok(permit) = limit.clone().acquire_owned().await else { break Ok(()) };
-        // A write's payload is read before anything else, so the stream stays in step even when the
-        // write is refused; one above the largest block is skipped, not buffered.
-        let payload = if h.command == CMD_WRITE {
-            if h.length > cfg.max_block {
-                let skipped =
-                    tokio::io::copy(&mut (&mut rd).take(u64::from(h.length)), &mut tokio::io::sink()).await;
-                match skipped {
-                    Ok(n) if n == u64::from(h.length) => None,
-                    Ok(_) => break Ok(()),
-                    Err(e) => break Err(e.into()),
-                }
-            } else if let Some(mut slot) = backend.write_buffer(h.length as usize) {
-                // Straight into shared memory: the local replica writes it from there.
-                match rd.read_exact(slot.as_mut_slice()).await {
-                    Ok(_) => Some(slot.into_bytes()),
-                    Err(e) => break Err(e.into()),
-                }
-            } else {
-                // Read straight into uninitialised capacity: no zeroing of every payload.
-                let len = h.length as usize;
-                let mut buf = BytesMut::with_capacity(len);
-                let mut failed = None;
-                while buf.len() < len {
-                    let want = (len - buf.len()) as u64;
-                    match (&mut rd).take(want).read_buf(&mut buf).await {
-                        Ok(0) => {
-                            failed = Some(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-                            break;
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
+        let can_read = next.is_some() && in_flight.len() < max_in_flight;
+        let reading = async {
+            match next.as_mut() {
+                Some(f) => f.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Ok(()),
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                // Every reply ready now goes out in one write.
+                let mut sent = send_reply(&mut wr, &reply).await;
+                while sent.is_ok() {
+                    match in_flight.next().now_or_never() {
+                        Some(Some(r)) => sent = send_reply(&mut wr, &r).await,
+                        _ => break,
                     }
                 }
-                if let Some(e) = failed {
+                if let Err(e) = sent {
                     break Err(e.into());
                 }
-                Some(buf.freeze())
-            }
-        } else {
-            None
-        };
-        let (b, tx, cfg2) = (backend.clone(), tx.clone(), cfg.clone());
-        tasks.spawn(async move {
-            let size = b.size();
-            let outcome: Result<Option<Bytes>, IoError> = match h.command {
-                CMD_READ => match check(&cfg2, size, &h, true) {
-                    Err(e) => Err(e),
-                    Ok(()) if h.length > cfg2.max_block => {
-                        Err(IoError::Invalid(format!("read of {} bytes exceeds {}", h.length, cfg2.max_block)))
-                    }
-                    Ok(()) => b.read(h.offset, h.length).await.map(Some),
-                },
-                CMD_WRITE => match (check(&cfg2, size, &h, false), payload) {
-                    (Err(e), _) => Err(e),
-                    (Ok(()), _) if h.length > cfg2.max_block => {
-                        Err(IoError::Invalid(format!("write of {} bytes exceeds {}", h.length, cfg2.max_block)))
-                    }
-                    (Ok(()), Some(data)) => b.write(h.offset, data, fua).await.map(|()| None),
-                    (Ok(()), None) => Err(IoError::Invalid("write without data".into())),
-                },
-                CMD_FLUSH => b.flush().await.map(|()| None),
-                CMD_TRIM => match check(&cfg2, size, &h, false) {
-                    Err(e) => Err(e),
-                    Ok(()) => {
-                        let r = b.trim(h.offset, h.length).await;
-                        match (r, fua) {
-                            (Ok(()), true) => b.flush().await.map(|()| None),
-                            (r, _) => r.map(|()| None),
-                        }
-                    }
-                },
-                CMD_WRITE_ZEROES => match check(&cfg2, size, &h, false) {
-                    Err(e) => Err(e),
-                    // NO_HOLE: the range must stay allocated, so zeros are written, not punched.
-                    Ok(()) if no_hole => write_zeros(b.as_ref(), h.offset, h.length, cfg2.max_block, fua).await,
-                    Ok(()) => b.write_zeroes(h.offset, h.length, fua).await.map(|()| None),
-                },
-                other => Err(IoError::Invalid(format!("command {other} not supported"))),
-            };
-            let reply = match outcome {
-                Ok(data) => (simple_reply(0, h.cookie), data),
-                Err(e) => {
-                    debug!(command = h.command, offset = h.offset, length = h.length, error = %e, "request failed");
-                    (simple_reply(e.errno(), h.cookie), None)
+                if let Err(e) = wr.flush().await {
+                    break Err(e.into());
                 }
-            };
-            let _ = tx.send(reply).await;
-            drop(permit);
-        });
+            }
+            (rd, incoming) = reading, if can_read => {
+                match incoming {
+                    Ok(Incoming::Request(h, payload)) => {
+                        next = Some(Box::pin(read_request(rd, backend.clone(), cfg.max_block)));
+                        in_flight.push(run_request(backend.clone(), &cfg, h, payload));
+                    }
+                    Ok(Incoming::Disconnect) => next = None,
+                    Err(e) => break Err(e),
+                }
+            }
+        }
     };
-    tasks.close();
-    tasks.wait().await;
-    drop(tx);
-    match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, "writing replies failed"),
-        Err(e) => warn!(error = %e, "reply writer panicked"),
+    // Requests already read run to completion; their replies go out while the connection
+    // still takes them (a client that sent DISC still gets its answers).
+    let mut writable = result.is_ok();
+    while let Some(reply) = in_flight.next().await {
+        if writable && send_reply(&mut wr, &reply).await.is_err() {
+            writable = false;
+        }
+    }
+    if writable && let Err(e) = wr.flush().await {
+        warn!(error = %e, "writing replies failed");
     }
     result
 }
