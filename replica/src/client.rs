@@ -358,9 +358,11 @@ impl ReplicaClient {
         // Queueing counts against the timeout too: a replica that stopped reading fills the queue.
         let exchange = async {
             let req = Request { id, op };
-            let idle = self.out.capacity() == self.out.max_capacity();
+            // A lone request (nothing else in flight or queued) leaves from here, with no hand-off
+            // to the writer task; under load the writer task batches many frames per syscall.
+            let idle =
+                self.shared.pending.lock().len() <= 1 && self.out.capacity() == self.out.max_capacity();
             match self.writer.try_lock() {
-                // No hand-off to the writer task: a lone request leaves at once.
                 Ok(mut w) if idle => {
                     if let Err(e) = w.send(req).await {
                         self.shared.close();

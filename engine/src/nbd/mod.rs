@@ -2,8 +2,9 @@
 //! `OPT_EXPORT_NAME`) and the transmission phase with simple replies (`READ`, `WRITE` with FUA,
 //! `FLUSH`, `TRIM`, `WRITE_ZEROES`, `DISC`), over any byte stream (TCP, unix socket).
 //!
-//! Requests are read as fast as the in-flight limit allows, each runs as its own task against the
-//! [`Backend`], and replies leave in completion order. The export advertises a 4 KiB minimum block
+//! Requests are read as fast as the in-flight limit allows and run against the [`Backend`], all
+//! driven by the connection's one task; replies leave in completion order. Large write payloads
+//! are read into the backend's shared memory when it offers some ([`Backend::write_buffer`]). The export advertises a 4 KiB minimum block
 //! size (DESIGN rule 4); unaligned requests get `EINVAL`. Multi-connection is advertised because a
 //! flush goes to every replica and each replica's flush covers every write it acknowledged, whatever
 //! connection it came from.
