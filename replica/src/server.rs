@@ -589,21 +589,13 @@ async fn handle_conn(replica: Arc<Replica>, stream: Accepted, peer: String, shut
         };
         let Ok(permit) = limit.clone().acquire_owned().await else { break };
         let (r, c, t) = (replica.clone(), conn.clone(), tx.clone());
-        // Tracked like a task, so a fence waits for it wherever it runs.
-        let tracked = conn.tracker.token();
-        let mut request = Box::pin(
+        conn.tracker.spawn(
             async move {
                 handle_request(&r, &c, req, &t).await;
                 drop(permit);
-                drop(tracked);
             }
             .in_current_span(),
         );
-        // Most small requests complete without waiting (a cached read, an in-place write): run
-        // them here, sparing a task hand-off; the rest continue as a task of their own.
-        if futures::FutureExt::now_or_never(request.as_mut()).is_none() {
-            tokio::spawn(request);
-        }
     }
     conn.tracker.close();
     conn.tracker.wait().await;
