@@ -608,6 +608,33 @@ async fn handle_conn(replica: Arc<Replica>, stream: Accepted, peer: String, shut
     debug!("connection closed");
 }
 
+/// Reads the head into `buf`: on this thread when the page cache holds it all and it is small
+/// (`Store::read_cached` never waits), else on the blocking pool. Gives `buf` back.
+async fn read_into<B: AsMut<[u8]> + Send + 'static>(
+    store: Arc<Store>,
+    offset: u64,
+    mut buf: B,
+) -> Result<B, StoreError> {
+    if buf.as_mut().len() <= INLINE_IO && store.read_cached(offset, buf.as_mut())? {
+        return Ok(buf);
+    }
+    blocking(move || store.read(offset, buf.as_mut()).map(|()| buf)).await
+}
+
+/// Writes `data` to the head: on this thread when it can land in place without waiting (see
+/// `Store::try_write_inline`), saving two thread hand-offs, else on the blocking pool.
+async fn write_from<B: AsRef<[u8]> + Send + 'static>(
+    store: Arc<Store>,
+    offset: u64,
+    data: B,
+    fua: bool,
+) -> Result<B, StoreError> {
+    if !fua && data.as_ref().len() <= INLINE_IO && store.try_write_inline(offset, data.as_ref())? {
+        return Ok(data);
+    }
+    blocking(move || store.write(offset, data.as_ref(), fua).map(|()| data)).await
+}
+
 /// The part of the connection's shared memory a request names.
 fn shm_range(conn: &Conn, offset: u64, len: u32) -> Result<crate::shm::Range, StoreError> {
     if len > wire::MAX_IO {
@@ -712,21 +739,7 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
     };
     let r: Result<Bytes, StoreError> = match req.op {
         Op::Read { offset, len } => match io_len(len) {
-            Ok(n) => {
-                // Small reads the page cache holds are answered here; the rest go to the pool.
-                let mut buf = vec![0u8; n];
-                match (n <= INLINE_IO).then(|| store.read_cached(offset, &mut buf)) {
-                    Some(Ok(true)) => Ok(Bytes::from(buf)),
-                    Some(Err(e)) => Err(e),
-                    _ => {
-                        blocking(move || {
-                            let mut buf = vec![0u8; n];
-                            store.read(offset, &mut buf).map(|()| Bytes::from(buf))
-                        })
-                        .await
-                    }
-                }
-            }
+            Ok(n) => read_into(store, offset, vec![0u8; n]).await.map(Bytes::from),
             Err(e) => Err(e),
         },
         Op::ReadSnapshot { name, offset, len } => match io_len(len) {
@@ -739,55 +752,13 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
             }
             Err(e) => Err(e),
         },
-        Op::Write { offset, data, fua } => {
-            // A small write that can land in place without waiting (see
-            // `Store::try_write_inline`) is done here, saving two thread hand-offs.
-            let inline = if !fua && data.len() <= INLINE_IO {
-                store.try_write_inline(offset, &data)
-            } else {
-                Ok(false)
-            };
-            match inline {
-                Ok(true) => Ok(Bytes::new()),
-                Err(e) => Err(e),
-                Ok(false) => blocking(move || store.write(offset, &data, fua).map(|()| Bytes::new())).await,
-            }
-        }
+        Op::Write { offset, data, fua } => write_from(store, offset, data, fua).await.map(|_| Bytes::new()),
         Op::ReadShm { offset, len, shm_offset } => match shm_range(conn, shm_offset, len) {
-            Ok(mut range) => {
-                // Cached reads are answered here, as for socket reads; the rest go to the pool.
-                let inline = if len as usize <= INLINE_IO {
-                    store.read_cached(offset, range.as_mut_slice())
-                } else {
-                    Ok(false)
-                };
-                match inline {
-                    Ok(true) => Ok(Bytes::new()),
-                    Err(e) => Err(e),
-                    Ok(false) => {
-                        blocking(move || store.read(offset, range.as_mut_slice()).map(|()| Bytes::new()))
-                            .await
-                    }
-                }
-            }
+            Ok(range) => read_into(store, offset, range).await.map(|_| Bytes::new()),
             Err(e) => Err(e),
         },
         Op::WriteShm { offset, len, shm_offset, fua } => match shm_range(conn, shm_offset, len) {
-            Ok(range) => {
-                let inline = if !fua && len as usize <= INLINE_IO {
-                    store.try_write_inline(offset, range.as_slice())
-                } else {
-                    Ok(false)
-                };
-                match inline {
-                    Ok(true) => Ok(Bytes::new()),
-                    Err(e) => Err(e),
-                    Ok(false) => {
-                        blocking(move || store.write(offset, range.as_slice(), fua).map(|()| Bytes::new()))
-                            .await
-                    }
-                }
-            }
+            Ok(range) => write_from(store, offset, range, fua).await.map(|_| Bytes::new()),
             Err(e) => Err(e),
         },
         Op::Flush => {

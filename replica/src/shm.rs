@@ -310,6 +310,18 @@ impl Range {
     }
 }
 
+impl AsRef<[u8]> for Range {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl AsMut<[u8]> for Range {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
 impl Drop for Range {
     fn drop(&mut self) {
         let mut busy = self.ranges.busy.lock();
