@@ -653,10 +653,10 @@ impl Volume {
         if let Some(m) = local.filter(|m| m.reading.load(Ordering::Relaxed) < LOCAL_READ_DEPTH) {
             return m.clone();
         }
-        let remote: Vec<&Arc<Member>> = members.iter().filter(|m| !m.client.has_shared_memory()).collect();
-        match remote.len() {
+        let mut remote = members.iter().filter(|m| !m.client.has_shared_memory());
+        match remote.clone().count() {
             0 => members[turn % members.len()].clone(),
-            n => remote[turn % n].clone(),
+            n => remote.nth(turn % n).unwrap_or(&members[0]).clone(),
         }
     }
 
