@@ -5,9 +5,9 @@
 //!   fencing, range locks.
 //! - [`authority`]: the membership authority trait and the standalone file-based implementation.
 //!
-//! - [`mgmt`]: the gRPC management API (status, snapshots, expansion, replica removal, shutdown).
-//!
-//! Not built yet (tracked in the engine issue): delta and full rebuilds, adding replicas, metrics.
+//! - [`mgmt`]: the gRPC management API (status, snapshots, expansion, adding and removing
+//!   replicas, shutdown).
+//! - [`metrics`]: the Prometheus `/metrics` endpoint.
 
 pub mod authority;
 pub mod metrics;

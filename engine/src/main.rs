@@ -60,6 +60,9 @@ struct Args {
     /// This engine's identity (default: a new one each start).
     #[arg(long)]
     engine_id: Option<Uuid>,
+    /// Async worker threads (disk IO runs on a separate blocking pool).
+    #[arg(long, default_value_t = barnacle_replica::process::DEFAULT_WORKER_THREADS)]
+    worker_threads: usize,
     /// Write {"nbd": ADDR, "socket": PATH, "mgmt": ADDR, "metrics": ADDR, "pid": N,
     /// "resynced_bytes": N} here once serving.
     #[arg(long)]
@@ -75,10 +78,13 @@ fn parse_replica(s: &str) -> Result<(String, String), String> {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     barnacle_replica::process::init_tracing();
     let args = Args::parse();
+    barnacle_replica::process::runtime(args.worker_threads)?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     barnacle_replica::process::set_io_flusher();
     barnacle_replica::process::tune_malloc();
     anyhow::ensure!(

@@ -50,15 +50,21 @@ struct Args {
     /// Requests one data connection may have in flight (each holds up to 4 MiB of data).
     #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
+    /// Async worker threads (disk IO runs on a separate blocking pool).
+    #[arg(long, default_value_t = barnacle_replica::process::DEFAULT_WORKER_THREADS)]
+    worker_threads: usize,
     /// Write the bound addresses here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     barnacle_replica::process::init_tracing();
     let args = Args::parse();
+    barnacle_replica::process::runtime(args.worker_threads)?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     barnacle_replica::process::set_io_flusher();
     barnacle_replica::process::tune_malloc();
     let token = barnacle_replica::process::read_token(&args.token_file)?;

@@ -52,3 +52,20 @@ pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
     Ok(token)
 }
+
+/// Default async worker threads of a per-volume daemon. A node runs one engine and one replica
+/// process per volume, so parallelism comes from the number of volumes; within one volume a
+/// single async thread (with the blocking pool for large disk IO) avoids cross-thread wake-ups,
+/// which measured faster than one thread per core (docs/performance.md).
+pub const DEFAULT_WORKER_THREADS: usize = 1;
+
+/// Builds the multi-threaded tokio runtime of a daemon with `worker_threads` async threads
+/// (at least one). The blocking pool (disk IO, RocksDB) is separate and not limited by this.
+pub fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads.max(1))
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
