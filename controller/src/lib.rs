@@ -1,4 +1,58 @@
-//! Barnacle controller: the CSI Identity and Controller services, placement and volume records (issue: the CSI controller).
+//! Barnacle controller: the CSI Identity and Controller services, replica placement, volume
+//! records, and the orchestration of each volume's replica and engine processes.
 //!
-//! Not built yet: this crate only reserves its place in the workspace. Its work is tracked by its
-//! own issue and starts after the replica has landed.
+//! - [`csi`]: the gRPC adapter (validation, conversion, error codes);
+//! - [`service`]: the domain operations, each under a per-volume guard;
+//! - [`store`]: volume and snapshot records behind the `Store` trait (RocksDB embedded);
+//! - [`orchestrator`]: the trait that runs replicas and engines; [`local`] runs them as child
+//!   processes ([`supervise`] watches them);
+//! - [`placement`] and [`params`]: where replicas go and what a StorageClass may say;
+//! - [`rpc`]: clients of the replicas' and engines' management APIs.
+
+pub mod csi;
+pub mod error;
+pub mod local;
+pub mod orchestrator;
+pub mod params;
+pub mod placement;
+pub mod rpc;
+pub mod service;
+pub mod store;
+pub mod supervise;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+pub use error::ControllerError;
+use orchestrator::Orchestrator;
+use service::Service;
+
+/// Serves the Identity and Controller services on `listener` until `shutdown` fires, recovering
+/// the processes of existing volumes in the background; then stops watching them (the
+/// orchestrator decides whether they keep running).
+pub async fn run<O: Orchestrator>(
+    listener: tokio::net::UnixListener,
+    service: Arc<Service<O>>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let recovering = {
+        let s = service.clone();
+        tokio::spawn(async move {
+            if let Err(e) = s.recover().await {
+                tracing::error!(error = %e, "recovery failed");
+            }
+        })
+    };
+    let identity = csi::Identity { service: service.clone() };
+    let controller = csi::Controller { service: service.clone() };
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let res = tonic::transport::Server::builder()
+        .add_service(csi_proto::v1::identity_server::IdentityServer::new(identity))
+        .add_service(csi_proto::v1::controller_server::ControllerServer::new(controller))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+        .await;
+    recovering.abort();
+    service.shutdown().await;
+    res
+}

@@ -12,3 +12,18 @@ pub mod v1 {
 
 /// The CSI spec version this crate implements.
 pub const CSI_SPEC_VERSION: &str = "1.12.0";
+
+/// A gRPC channel to a CSI endpoint on a unix socket (`/path` or `unix:///path`), as the
+/// Kubernetes sidecars reach a driver. Connects lazily: the first call fails if nothing listens.
+pub fn unix_channel(path: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let path = std::path::PathBuf::from(path.strip_prefix("unix://").unwrap_or(path));
+    // The URI is required by the API but unused: the connector ignores it.
+    let endpoint = tonic::transport::Endpoint::from_static("http://csi.invalid");
+    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move {
+            let stream = tokio::net::UnixStream::connect(path).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    })))
+}

@@ -440,3 +440,158 @@ pub fn fio_verified_ok(child: Child, out: &Path, size_mib: u64) {
         "fio did not verify everything"
     );
 }
+
+/// Pids of live processes whose command line mentions `needle` (a test's scratch directory).
+pub fn processes_mentioning(needle: &Path) -> Vec<i32> {
+    let needle = needle.display().to_string();
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if pid.cast_unsigned() == me {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()) == Some('Z') {
+            continue;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// SIGKILLs every process whose command line mentions `needle`.
+pub fn kill_processes_mentioning(needle: &Path) {
+    for pid in processes_mentioning(needle) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// A `barnacle-controller` with the local orchestrator over `nodes` node directories under
+/// `root` (`root/nodes/n1`, …), its state in `root/state`, its CSI socket `root/csi.sock`.
+/// Dropping it kills the controller and every replica and engine it started.
+#[derive(Debug)]
+pub struct ControllerProcess {
+    pub child: Child,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub nodes: Vec<String>,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl ControllerProcess {
+    pub fn start(root: &Path, nodes: usize) -> ControllerProcess {
+        let names: Vec<String> = (1..=nodes).map(|i| format!("n{i}")).collect();
+        let mut args = vec!["--endpoint".to_owned(), format!("unix://{}", root.join("csi.sock").display())];
+        args.extend(["--state-dir".to_owned(), root.join("state").display().to_string()]);
+        for n in &names {
+            args.extend(["--node".to_owned(), format!("{n}={}", root.join("nodes").join(n).display())]);
+        }
+        let mut c = ControllerProcess {
+            child: Command::new("true").spawn().unwrap(),
+            root: root.to_owned(),
+            socket: root.join("csi.sock"),
+            nodes: names,
+            args,
+            log: root.join("controller.log"),
+        };
+        let _ = c.child.wait();
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        let ready = self.root.join("controller.ready");
+        let _ = std::fs::remove_file(&ready);
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        self.child = Command::new(binary("barnacle-controller"))
+            .args(&self.args)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready.exists() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("controller exited early with {status}; log:\n{}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "controller did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, leaving the replicas and engines running.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the controller again on the same state.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Clients of the Identity and Controller services.
+    pub fn clients(
+        &self,
+    ) -> (
+        csi_proto::v1::identity_client::IdentityClient<tonic::transport::Channel>,
+        csi_proto::v1::controller_client::ControllerClient<tonic::transport::Channel>,
+    ) {
+        let ch = csi_proto::unix_channel(&self.socket.display().to_string()).unwrap();
+        (
+            csi_proto::v1::identity_client::IdentityClient::new(ch.clone()),
+            csi_proto::v1::controller_client::ControllerClient::new(ch),
+        )
+    }
+
+    /// Waits until Probe says ready (existing volumes' processes looked after).
+    pub async fn wait_probe_ready(&self) {
+        let (mut id, _) = self.clients();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = id.probe(csi_proto::v1::ProbeRequest {}).await
+                && r.into_inner().ready == Some(true)
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "controller never ready; log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill();
+        kill_processes_mentioning(&self.root);
+    }
+}
+
+/// A single-node-writer capability: Block, or Mount with `fs_type`.
+pub fn csi_capability(block: bool, fs_type: &str) -> csi_proto::v1::VolumeCapability {
+    use csi_proto::v1::volume_capability::{
+        AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
+    };
+    csi_proto::v1::VolumeCapability {
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+        access_type: Some(if block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume { fs_type: fs_type.to_owned(), ..Default::default() })
+        }),
+    }
+}

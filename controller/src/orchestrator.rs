@@ -1,0 +1,91 @@
+//! The orchestrator trait: how a volume's replica and engine processes come to run, and where a
+//! volume's token and membership record live. The local orchestrator ([`crate::local`]) runs them
+//! as child processes; a Kubernetes one runs them as pods.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use barnacle_engine::authority::MembershipAuthority;
+
+use crate::error::Result;
+use crate::placement::NodeInfo;
+use crate::store::{Attachment, ReplicaPlacement, VolumeRecord};
+
+/// Where a running replica serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaEndpoint {
+    /// The data address the engine dials: `HOST:PORT`, or `unix:PATH` on the same node.
+    pub data: String,
+    /// The management API, `http://HOST:PORT`.
+    pub mgmt: String,
+}
+
+/// Where a running engine serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineEndpoint {
+    /// The NBD export's unix socket on the attaching node (0600, DESIGN rule 9).
+    pub nbd_socket: PathBuf,
+    /// The management API, `http://HOST:PORT`.
+    pub mgmt: String,
+    pub generation: u64,
+}
+
+/// Runs a volume's processes.
+pub trait Orchestrator: Send + Sync + 'static {
+    /// The nodes that can hold replicas and run engines.
+    fn nodes(&self) -> Vec<NodeInfo>;
+
+    /// Fails when the orchestrator cannot start anything (for Probe).
+    fn check(&self) -> Result<()>;
+
+    /// The volume's token (created on first use). Never logged or put in a record.
+    fn token(&self, volume_id: &str) -> Result<String>;
+
+    /// The volume's membership authority (DESIGN rule 1).
+    fn authority(&self, volume_id: &str) -> Result<Arc<dyn MembershipAuthority>>;
+
+    /// Makes the replica serve, creating its store with `create_size` bytes if it has none.
+    /// Without `create_size` the store must exist (for example made by a clone).
+    fn ensure_replica(
+        &self,
+        volume: &VolumeRecord,
+        replica: &ReplicaPlacement,
+        create_size: Option<u64>,
+    ) -> impl Future<Output = Result<ReplicaEndpoint>> + Send;
+
+    /// Watches the replica's process again if one still runs from an earlier controller (so it
+    /// can be stopped); starts nothing.
+    fn adopt_replica(&self, volume: &VolumeRecord, replica: &ReplicaPlacement);
+
+    /// The name a clone on the same node gives the new replica's store (the replica protocol's
+    /// CloneSnapshot `target_name`).
+    fn clone_target_name(&self, volume_id: &str, replica: &ReplicaPlacement) -> String;
+
+    /// Stops the replica and removes its data. Idempotent.
+    fn remove_replica(
+        &self,
+        volume_id: &str,
+        replica: &ReplicaPlacement,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Makes the volume's engine serve on the attachment's node, for the attachment's generation.
+    fn ensure_engine(
+        &self,
+        volume: &VolumeRecord,
+        attachment: &Attachment,
+        replicas: &[(String, String)],
+    ) -> impl Future<Output = Result<EngineEndpoint>> + Send;
+
+    /// The volume's engine, if one serves now.
+    fn engine(&self, volume_id: &str) -> Option<EngineEndpoint>;
+
+    /// Stops the volume's engine. Idempotent.
+    fn stop_engine(&self, volume_id: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Removes what remains of a deleted volume (token, membership record). Idempotent.
+    fn forget_volume(&self, volume_id: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// The controller is exiting: stop watching; stop the processes only if configured to.
+    fn shutdown(&self) -> impl Future<Output = ()> + Send;
+}

@@ -1,0 +1,219 @@
+//! StorageClass parameters, parsed once into [`VolumeParams`]; an unknown key is an error.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ControllerError;
+
+/// Keys the external-provisioner adds with `--extra-create-metadata`: accepted and kept as labels.
+pub const PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
+pub const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
+pub const PV_NAME: &str = "csi.storage.k8s.io/pv/name";
+
+/// Most replicas a volume may ask for.
+pub const MAX_REPLICAS: usize = 5;
+
+/// Filesystems the node plugin makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ext4,
+    Xfs,
+}
+
+impl FsType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<FsType, ControllerError> {
+        match s {
+            "ext4" => Ok(FsType::Ext4),
+            "xfs" => Ok(FsType::Xfs),
+            other => Err(ControllerError::InvalidArgument(format!(
+                "fsType {other:?} is not supported (use ext4 or xfs)"
+            ))),
+        }
+    }
+}
+
+/// A volume's parameters, from its StorageClass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeParams {
+    /// Replicas wanted (capped by the nodes available when the volume is placed).
+    pub replicas: usize,
+    /// Writes need at least this many healthy replicas.
+    pub min_healthy_replicas: usize,
+    /// Thin volumes count against a node's capacity times the overcommit ratio; thick ones
+    /// reserve their full size on the node's disk.
+    pub thin: bool,
+    /// Filesystem for Filesystem-mode volumes; passed to the node in the volume context.
+    pub fs_type: Option<FsType>,
+    /// Extra options for mkfs, passed to the node in the volume context.
+    pub mkfs_options: Option<String>,
+    /// Rebuild copy rate limit (MiB/s) given to the volume's engine; `None`: the engine's default.
+    pub rebuild_mib_per_sec: Option<u64>,
+    /// PVC and PV names from the external-provisioner, kept for display.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for VolumeParams {
+    fn default() -> Self {
+        VolumeParams {
+            replicas: 3,
+            min_healthy_replicas: 1,
+            thin: true,
+            fs_type: None,
+            mkfs_options: None,
+            rebuild_mib_per_sec: None,
+            labels: Default::default(),
+        }
+    }
+}
+
+fn bad(key: &str, value: &str, want: &str) -> ControllerError {
+    ControllerError::InvalidArgument(format!("parameter {key}={value:?}: {want}"))
+}
+
+fn bool_param(key: &str, value: &str) -> Result<bool, ControllerError> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(bad(key, value, "expected true or false")),
+    }
+}
+
+impl VolumeParams {
+    /// Parses CreateVolume parameters. Every key is known or an error names it.
+    pub fn parse(params: &HashMap<String, String>) -> Result<VolumeParams, ControllerError> {
+        let mut p = VolumeParams::default();
+        let mut keys: Vec<&String> = params.keys().collect();
+        keys.sort();
+        for key in keys {
+            let value = params[key].as_str();
+            match key.as_str() {
+                "replicas" => {
+                    p.replicas = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_REPLICAS).contains(n))
+                        .ok_or_else(|| bad(key, value, &format!("expected 1 to {MAX_REPLICAS}")))?;
+                }
+                "minHealthyReplicas" => {
+                    p.min_healthy_replicas = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_REPLICAS).contains(n))
+                        .ok_or_else(|| bad(key, value, &format!("expected 1 to {MAX_REPLICAS}")))?;
+                }
+                "thin" => p.thin = bool_param(key, value)?,
+                "fsType" => p.fs_type = Some(FsType::parse(value)?),
+                "mkfsOptions" => {
+                    if value.contains(['\n', '\0']) {
+                        return Err(bad(key, value, "no newlines or NUL bytes"));
+                    }
+                    p.mkfs_options = Some(value.to_owned()).filter(|v| !v.trim().is_empty());
+                }
+                "rebuildMiBPerSec" => {
+                    p.rebuild_mib_per_sec =
+                        Some(value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                            bad(key, value, "expected a positive number of MiB per second")
+                        })?);
+                }
+                PVC_NAME | PVC_NAMESPACE | PV_NAME => {
+                    p.labels.insert(key.clone(), value.to_owned());
+                }
+                other => {
+                    return Err(ControllerError::InvalidArgument(format!(
+                        "unknown parameter {other:?} (known: replicas, minHealthyReplicas, thin, fsType, \
+                         mkfsOptions, rebuildMiBPerSec)"
+                    )));
+                }
+            }
+        }
+        if p.min_healthy_replicas > p.replicas {
+            return Err(ControllerError::InvalidArgument(format!(
+                "minHealthyReplicas {} is more than replicas {}",
+                p.min_healthy_replicas, p.replicas
+            )));
+        }
+        Ok(p)
+    }
+
+    /// What the node needs to know, for the volume context (never a secret: DESIGN rule 9).
+    pub fn volume_context(&self) -> HashMap<String, String> {
+        let mut ctx = HashMap::new();
+        if let Some(fs) = self.fs_type {
+            ctx.insert("fsType".to_owned(), fs.as_str().to_owned());
+        }
+        if let Some(o) = &self.mkfs_options {
+            ctx.insert("mkfsOptions".to_owned(), o.clone());
+        }
+        ctx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(kv: &[(&str, &str)]) -> Result<VolumeParams, ControllerError> {
+        VolumeParams::parse(&kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect())
+    }
+
+    #[test]
+    fn defaults_when_empty() {
+        assert_eq!(parse(&[]).ok(), Some(VolumeParams::default()));
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let p = parse(&[
+            ("replicas", "2"),
+            ("minHealthyReplicas", "2"),
+            ("thin", "false"),
+            ("fsType", "xfs"),
+            ("mkfsOptions", "-m 0"),
+            ("rebuildMiBPerSec", "50"),
+            (PVC_NAME, "data-0"),
+        ])
+        .ok();
+        let p = p.as_ref();
+        assert_eq!(p.map(|p| (p.replicas, p.min_healthy_replicas, p.thin)), Some((2, 2, false)));
+        assert_eq!(p.and_then(|p| p.fs_type), Some(FsType::Xfs));
+        assert_eq!(p.and_then(|p| p.mkfs_options.as_deref()), Some("-m 0"));
+        assert_eq!(p.and_then(|p| p.rebuild_mib_per_sec), Some(50));
+        assert_eq!(p.and_then(|p| p.labels.get(PVC_NAME)).map(String::as_str), Some("data-0"));
+        let ctx = p.map(VolumeParams::volume_context).unwrap_or_default();
+        assert_eq!(ctx.get("fsType").map(String::as_str), Some("xfs"));
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_invalid() {
+        for kv in [
+            ("replicas", "0"),
+            ("replicas", "6"),
+            ("replicas", "three"),
+            ("minHealthyReplicas", "0"),
+            ("thin", "yes"),
+            ("fsType", "btrfs"),
+            ("rebuildMiBPerSec", "0"),
+            ("mkfsOptions", "a\nb"),
+            ("replica", "3"),
+        ] {
+            assert!(
+                matches!(parse(&[kv]), Err(ControllerError::InvalidArgument(_))),
+                "{kv:?} must be refused"
+            );
+        }
+        assert!(matches!(
+            parse(&[("replicas", "1"), ("minHealthyReplicas", "2")]),
+            Err(ControllerError::InvalidArgument(_))
+        ));
+    }
+}
