@@ -201,6 +201,9 @@ impl LocalOrchestrator {
             "--ready-file".to_owned(),
             ready_file.display().to_string(),
         ];
+        if att.readonly {
+            args.push("--read-only".to_owned());
+        }
         if let Some(rate) = volume.params.rebuild_mib_per_sec {
             args.extend(["--rebuild-mib-per-sec".to_owned(), rate.to_string()]);
         }

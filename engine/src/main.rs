@@ -60,6 +60,9 @@ struct Args {
     /// This engine's identity (default: a new one each start).
     #[arg(long)]
     engine_id: Option<Uuid>,
+    /// Serve the export read-only (a readonly publication): writes, trims and zeroes get EPERM.
+    #[arg(long)]
+    read_only: bool,
     /// Async worker threads (disk IO runs on a separate blocking pool).
     #[arg(long, default_value_t = barnacle_replica::process::DEFAULT_WORKER_THREADS)]
     worker_threads: usize,
@@ -105,7 +108,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     };
     let authority = Arc::new(FileAuthority::new(&args.state_dir)?);
     let volume = Volume::start(cfg, authority).await.context("starting the volume")?;
-    let export = ExportConfig::new(&args.volume_id);
+    let mut export = ExportConfig::new(&args.volume_id);
+    export.read_only = args.read_only;
     let metrics = Arc::new(barnacle_engine::metrics::Metrics::new());
     let metered =
         Arc::new(barnacle_engine::metrics::Metered { inner: volume.clone(), metrics: metrics.clone() });

@@ -80,6 +80,10 @@ impl Backend for MemDisk {
 type Server = tokio::task::JoinHandle<Result<(), barnacle_engine::nbd::ConnError>>;
 
 fn start_with_disk() -> (DuplexStream, Server, Arc<MemDisk>) {
+    start_with(ExportConfig::new("vol"))
+}
+
+fn start_with(cfg: ExportConfig) -> (DuplexStream, Server, Arc<MemDisk>) {
     let (client, server) = tokio::io::duplex(1 << 20);
     let disk = Arc::new(MemDisk {
         data: Mutex::new(vec![0u8; SIZE as usize]),
@@ -87,12 +91,7 @@ fn start_with_disk() -> (DuplexStream, Server, Arc<MemDisk>) {
         area: Area::create().unwrap(),
         from_area: Default::default(),
     });
-    let h = tokio::spawn(serve_connection(
-        server,
-        disk.clone(),
-        ExportConfig::new("vol"),
-        CancellationToken::new(),
-    ));
+    let h = tokio::spawn(serve_connection(server, disk.clone(), cfg, CancellationToken::new()));
     (client, h, disk)
 }
 
@@ -209,6 +208,47 @@ async fn large_write_payloads_are_read_into_the_backends_buffer() {
     }
     assert_eq!(disk.area.free_units(), 32, "every buffer went back");
     c.write_all(&request(CMD_DISC, 200, 0, 0)).await.unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_read_only_export_says_so_and_refuses_every_change() {
+    let mut cfg = ExportConfig::new("vol");
+    cfg.read_only = true;
+    let (mut c, server, disk) = start_with(cfg);
+    disk.data.lock()[..4096].fill(0x77);
+    // The flags in the export info carry READ_ONLY.
+    assert_eq!(c.read_u64().await.unwrap(), NBD_MAGIC);
+    assert_eq!(c.read_u64().await.unwrap(), IHAVEOPT);
+    c.read_u16().await.unwrap();
+    c.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes()).await.unwrap();
+    c.write_all(&go("vol")).await.unwrap();
+    let mut flags = None;
+    loop {
+        let (_, typ, d) = option_reply(&mut c).await;
+        if typ == REP_ACK {
+            break;
+        }
+        if typ == REP_INFO && u16::from_be_bytes([d[0], d[1]]) == INFO_EXPORT {
+            flags = Some(u16::from_be_bytes([d[10], d[11]]));
+        }
+    }
+    assert_eq!(flags.map(|f| f & TFLAG_READ_ONLY), Some(TFLAG_READ_ONLY));
+    let mut w = request(CMD_WRITE, 1, 0, 4096);
+    w.extend_from_slice(&[1; 4096]);
+    c.write_all(&w).await.unwrap();
+    assert_eq!(reply(&mut c).await, (EPERM, 1));
+    c.write_all(&request(CMD_TRIM, 2, 0, 4096)).await.unwrap();
+    assert_eq!(reply(&mut c).await, (EPERM, 2));
+    c.write_all(&request(CMD_WRITE_ZEROES, 3, 0, 4096)).await.unwrap();
+    assert_eq!(reply(&mut c).await, (EPERM, 3));
+    // Reads still work, and nothing changed.
+    c.write_all(&request(CMD_READ, 4, 0, 4096)).await.unwrap();
+    assert_eq!(reply(&mut c).await, (0, 4));
+    let mut data = vec![0u8; 4096];
+    c.read_exact(&mut data).await.unwrap();
+    assert!(data.iter().all(|&b| b == 0x77));
+    c.write_all(&request(CMD_DISC, 5, 0, 0)).await.unwrap();
     server.await.unwrap().unwrap();
 }
 

@@ -17,7 +17,12 @@ use tonic::transport::Channel;
 const MIB: i64 = 1 << 20;
 
 fn qemu_io(uri: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", "raw", uri];
+    qemu_io_with(&[], uri, cmds);
+}
+
+fn qemu_io_with(opts: &[&str], uri: &str, cmds: &[&str]) {
+    let mut args = opts.to_vec();
+    args.extend(["-f", "raw", uri]);
     for c in cmds {
         args.extend(["-c", c]);
     }
@@ -228,7 +233,11 @@ async fn lifecycle(kill_controller: bool) {
 
     let uri_b = publish(&mut c, &b, "n2", true).await.unwrap();
     let uri_c = publish(&mut c, &cl, "n3", false).await.unwrap();
-    qemu_io(&uri_b, &["read -P 0xaa 0 1M", "read -P 0 1M 1M"]);
+    qemu_io_with(&["-r"], &uri_b, &["read -P 0xaa 0 1M", "read -P 0 1M 1M"]);
+    // B was published readonly: its export says so.
+    let info: serde_json::Value =
+        serde_json::from_slice(&run_ok("nbdinfo", &["--json", &uri_b]).stdout).unwrap();
+    assert_eq!(info["exports"][0]["is_read_only"].as_bool(), Some(true), "{info}");
     qemu_io(&uri_c, &["read -P 0xbb 0 1M", "read -P 0xcc 1M 1M"]);
     qemu_io(&uri_a, &["read -P 0xbb 0 1M", "read -P 0xcc 1M 1M"]);
 
@@ -404,4 +413,54 @@ async fn unpublish_fences_the_detached_engine_out_of_every_replica() {
     }
     let uri = publish(&mut c, &v, "n2", false).await.unwrap();
     qemu_io(&uri, &["read -P 0xaa 0 64k"]);
+}
+
+async fn condition(c: &mut ControllerClient<Channel>, vol: &str) -> csi::VolumeCondition {
+    c.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: vol.to_owned() })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .volume_condition
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_condition_follows_replica_health() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = ControllerProcess::start(tmp.path(), 3);
+    ctl.wait_probe_ready().await;
+    let (_, mut c) = ctl.clients();
+    let v = create(&mut c, "cond", 16, "3", None).await.unwrap().volume_id;
+    let uri = publish(&mut c, &v, "n1", false).await.unwrap();
+    qemu_io(&uri, &["write -P 0xaa 0 64k", "flush"]);
+    let ok = condition(&mut c, &v).await;
+    assert!(!ok.abnormal, "{ok:?}");
+
+    // Hang replica r1: the next write ejects it after the engine's replica timeout.
+    let ready = ctl
+        .nodes
+        .iter()
+        .map(|n| tmp.path().join("nodes").join(n).join("run").join(format!("{v}-r1.ready")))
+        .find(|p| p.exists())
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(pid_of(&ready));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    qemu_io(&uri, &["write -P 0xbb 0 64k", "flush"]);
+    let bad = condition(&mut c, &v).await;
+    assert!(bad.abnormal && bad.message.contains("r1"), "{bad:?}");
+
+    // Resumed, it is rebuilt and the volume is normal again.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = condition(&mut c, &v).await;
+        if !now.abnormal {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never normal again: {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    qemu_io(&uri, &["read -P 0xbb 0 64k"]);
 }

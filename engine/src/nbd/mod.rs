@@ -80,6 +80,9 @@ pub struct ExportConfig {
     pub max_block: u32,
     /// Requests one connection may have in flight.
     pub max_in_flight: usize,
+    /// Advertise the export read-only and refuse writes, trims and zeroes with EPERM (a readonly
+    /// publication).
+    pub read_only: bool,
 }
 
 impl ExportConfig {
@@ -90,6 +93,7 @@ impl ExportConfig {
             preferred_block: 64 * 1024,
             max_block: barnacle_replica::wire::MAX_IO,
             max_in_flight: 128,
+            read_only: false,
         }
     }
 
@@ -100,6 +104,7 @@ impl ExportConfig {
             | TFLAG_SEND_TRIM
             | TFLAG_SEND_WRITE_ZEROES
             | TFLAG_CAN_MULTI_CONN
+            | if self.read_only { TFLAG_READ_ONLY } else { 0 }
     }
 }
 
@@ -366,6 +371,10 @@ async fn run_request<B: Backend>(
     let fua = h.flags & CMD_FLAG_FUA != 0;
     let no_hole = h.flags & CMD_FLAG_NO_HOLE != 0;
     let size = b.size();
+    if cfg.read_only && matches!(h.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
+        debug!(command = h.command, offset = h.offset, "write refused: the export is read-only");
+        return (simple_reply(EPERM, h.cookie), None);
+    }
     let outcome: Result<Option<Bytes>, IoError> = match h.command {
         CMD_READ => match check(cfg, size, &h, true) {
             Err(e) => Err(e),
