@@ -1,0 +1,308 @@
+//! Attaching a volume's NBD export as a block device on this node.
+//!
+//! With the kernel nbd module the export would become `/dev/nbdN` (not built yet).
+//! Without it (as on the development machine) the userspace fallback runs `barnacle-nbd-fuse`, a
+//! process that mounts a one-file FUSE filesystem over the export, and puts a loop device (4 KiB
+//! sectors, the export's block size) on that file.
+//!
+//! Everything is found again from the kernel's state, so a node plugin that restarted (and lost its
+//! memory) can still detach: the FUSE mount is `<state>/fuse/<volume>` (source `barnacle:<volume>`
+//! in mountinfo), and the volume's loop device is the one whose backing file is `disk` in it. The
+//! helper's command line names the engine's socket.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::error::NodeError;
+use crate::fuse::DISK_FILE;
+use crate::sys;
+
+/// How volumes are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// The kernel nbd module when loaded, else FUSE and a loop device.
+    Auto,
+    /// FUSE and a loop device.
+    Fuse,
+}
+
+/// A volume's block device on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    pub device: PathBuf,
+    /// The engine's NBD socket, if known.
+    pub socket: Option<PathBuf>,
+}
+
+/// Attaches and finds volumes' block devices.
+#[derive(Debug, Clone)]
+pub struct Attacher {
+    state_dir: PathBuf,
+    helper: PathBuf,
+    loop_direct_io: bool,
+}
+
+/// How long the FUSE helper keeps retrying a lost engine before IO fails.
+pub const RECONNECT_PATIENCE: Duration = Duration::from_secs(120);
+
+impl Attacher {
+    pub fn new(state_dir: &Path, helper: PathBuf, method: Method, loop_direct_io: bool) -> Attacher {
+        let kernel = Path::new("/sys/module/nbd").exists();
+        match (method, kernel) {
+            (Method::Auto, true) => {
+                warn!(
+                    "the kernel nbd module is loaded but its attach is not built yet: using FUSE and a loop device"
+                );
+            }
+            _ => info!(
+                loop_direct_io,
+                "attaching volumes through FUSE and a loop device (no kernel nbd module)"
+            ),
+        }
+        Attacher { state_dir: state_dir.to_owned(), helper, loop_direct_io }
+    }
+
+    pub fn fuse_dir(&self, volume_id: &str) -> PathBuf {
+        self.state_dir.join("fuse").join(volume_id)
+    }
+
+    fn log_file(&self, volume_id: &str) -> PathBuf {
+        self.state_dir.join("logs").join(format!("{volume_id}.fuse.log"))
+    }
+
+    /// The volume's device, if attached.
+    pub fn find(&self, volume_id: &str) -> Option<Attached> {
+        let disk = self.fuse_dir(volume_id).join(DISK_FILE);
+        let device = sys::loop_devices().into_iter().find(|(_, b)| *b == disk).map(|(d, _)| d)?;
+        Some(Attached { device, socket: self.helper_socket(volume_id) })
+    }
+
+    /// Volumes attached on this node.
+    pub fn attached(&self) -> Vec<(String, PathBuf)> {
+        let root = self.state_dir.join("fuse");
+        sys::loop_devices()
+            .into_iter()
+            .filter_map(|(dev, backing)| {
+                let vol = backing.strip_prefix(&root).ok()?.parent()?.to_string_lossy().into_owned();
+                Some((vol, dev))
+            })
+            .collect()
+    }
+
+    /// Pids of the volume's FUSE helper (normally one).
+    fn helper_pids(&self, volume_id: &str) -> Vec<i32> {
+        let mnt = self.fuse_dir(volume_id).display().to_string();
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let named = args.windows(2).any(|w| w[0] == b"--mountpoint" && w[1] == mnt.as_bytes());
+            if named {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    fn helper_socket(&self, volume_id: &str) -> Option<PathBuf> {
+        let pid = *self.helper_pids(volume_id).first()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        args.windows(2)
+            .find(|w| w[0] == b"--socket")
+            .map(|w| PathBuf::from(String::from_utf8_lossy(w[1]).into_owned()))
+    }
+
+    /// Attaches the export (idempotent: an attached volume returns its device).
+    pub async fn attach(
+        &self,
+        volume_id: &str,
+        socket: &Path,
+        export: &str,
+        readonly: bool,
+    ) -> Result<PathBuf, NodeError> {
+        if let Some(a) = self.find(volume_id) {
+            return Ok(a.device);
+        }
+        let mnt = self.fuse_dir(volume_id);
+        let fuse_mounted = is_helper_mount(sys::mount_at(&mnt)?.as_ref(), volume_id);
+        if fuse_mounted && self.helper_pids(volume_id).is_empty() {
+            // A helper that died leaves a dead mount behind.
+            warn!(volume_id, "removing the dead FUSE mount of an earlier attach");
+            lazy_umount(&mnt).await?;
+        }
+        if !fuse_mounted || self.helper_pids(volume_id).is_empty() {
+            self.start_helper(volume_id, socket, export, readonly).await?;
+        }
+        let disk = mnt.join(DISK_FILE);
+        let mut args = vec!["--find", "--show", "--sector-size", "4096"];
+        args.push(if self.loop_direct_io { "--direct-io=on" } else { "--direct-io=off" });
+        if readonly {
+            args.push("--read-only");
+        }
+        let d = disk.display().to_string();
+        args.push(&d);
+        let device = PathBuf::from(sys::run("losetup", &args).await?.trim());
+        info!(volume_id, device = %device.display(), socket = %socket.display(), "attached through FUSE and a loop device");
+        Ok(device)
+    }
+
+    async fn start_helper(
+        &self,
+        volume_id: &str,
+        socket: &Path,
+        export: &str,
+        readonly: bool,
+    ) -> Result<(), NodeError> {
+        let mnt = self.fuse_dir(volume_id);
+        std::fs::create_dir_all(&mnt)
+            .map_err(|e| NodeError::Internal(format!("creating {}: {e}", mnt.display())))?;
+        let logs = self.state_dir.join("logs");
+        std::fs::create_dir_all(&logs)
+            .map_err(|e| NodeError::Internal(format!("creating {}: {e}", logs.display())))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file(volume_id))
+            .map_err(|e| NodeError::Internal(format!("helper log: {e}")))?;
+        let mut cmd = tokio::process::Command::new(&self.helper);
+        cmd.arg("--volume-id")
+            .arg(volume_id)
+            .arg("--socket")
+            .arg(socket)
+            .arg("--export")
+            .arg(export)
+            .arg("--mountpoint")
+            .arg(&mnt)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            // Not in the node plugin's process group: it must outlive a plugin restart.
+            .process_group(0)
+            .kill_on_drop(false);
+        if readonly {
+            cmd.arg("--read-only");
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| NodeError::Internal(format!("starting {}: {e}", self.helper.display())))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if is_helper_mount(sys::mount_at(&mnt)?.as_ref(), volume_id) && mnt.join(DISK_FILE).exists() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(self.log_file(volume_id)).unwrap_or_default();
+                let tail: String = log
+                    .lines()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                return Err(NodeError::Unavailable(format!(
+                    "the NBD attach helper for {volume_id} exited ({status}): {tail}"
+                )));
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = child.start_kill();
+                return Err(NodeError::Unavailable(format!(
+                    "the NBD attach helper for {volume_id} did not mount in 30 s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Reap it when it exits (while this plugin lives).
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(())
+    }
+
+    /// Detaches the volume: the loop device, the FUSE mount, the helper. Nothing attached is fine.
+    pub async fn detach(&self, volume_id: &str) -> Result<(), NodeError> {
+        if let Some(a) = self.find(volume_id) {
+            let d = a.device.display().to_string();
+            sys::run("losetup", &["-d", &d]).await?;
+            info!(volume_id, device = %d, "loop device detached");
+        }
+        let mnt = self.fuse_dir(volume_id);
+        if sys::mount_at(&mnt)?.is_some() {
+            // The loop device lets go of the file asynchronously: retry a busy unmount briefly.
+            let mut tries = 0;
+            loop {
+                match sys::umount(&mnt).await {
+                    Ok(()) => break,
+                    Err(_) if tries < 50 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        // The helper exits when its filesystem is unmounted; one that does not is killed.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids = self.helper_pids(volume_id);
+            if pids.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                for p in pids {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = std::fs::remove_dir(&mnt);
+        Ok(())
+    }
+
+    /// Makes the device show the export's current size (after an expansion); returns it.
+    pub async fn refresh_size(&self, volume_id: &str, want: u64) -> Result<u64, NodeError> {
+        let a = self
+            .find(volume_id)
+            .ok_or_else(|| NodeError::NotFound(format!("volume {volume_id} is not attached on this node")))?;
+        for p in self.helper_pids(volume_id) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGHUP);
+        }
+        let disk = self.fuse_dir(volume_id).join(DISK_FILE);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&disk).map(|m| m.len()).unwrap_or(0) < want {
+            if tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let d = a.device.display().to_string();
+        sys::run("losetup", &["-c", &d]).await?;
+        sys::device_size(&a.device)
+    }
+}
+
+/// Whether `m` is the FUSE mount of the volume's helper (source `barnacle:<volume>`).
+fn is_helper_mount(m: Option<&sys::MountEntry>, volume_id: &str) -> bool {
+    m.is_some_and(|m| m.fstype.starts_with("fuse") && m.source == format!("barnacle:{volume_id}"))
+}
+
+/// Lazily unmounts a (dead) mount.
+async fn lazy_umount(path: &Path) -> Result<(), NodeError> {
+    let p = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(|e| NodeError::Internal(format!("umount -l {}: {e}", p.display())))
+    })
+    .await
+    .map_err(|e| NodeError::Internal(e.to_string()))?
+}

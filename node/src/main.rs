@@ -1,0 +1,102 @@
+//! `barnacle-node`: the CSI Identity and Node services of one node.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use barnacle_node::attach::{Attacher, Method};
+use barnacle_node::service::{NodeConfig, NodeService};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Serve Barnacle's CSI node plugin.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The CSI endpoint: unix:///path/to/csi.sock.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: String,
+    /// This node's name (the controller's node id).
+    #[arg(long, env = "NODE_ID")]
+    node_id: String,
+    /// This node's zone, reported as topology.kubernetes.io/zone.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Volumes this node may attach (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_volumes: i64,
+    /// Directory for attach state (FUSE mount points, helper logs).
+    #[arg(long, default_value = "/var/lib/barnacle-node")]
+    state_dir: PathBuf,
+    /// How volumes are attached.
+    #[arg(long, value_enum, default_value_t = Method::Auto)]
+    attach: Method,
+    /// Loop devices use direct IO on the FUSE file (no page cache between them).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    loop_direct_io: bool,
+    /// The userspace attach helper (default: barnacle-nbd-fuse beside this program).
+    #[arg(long)]
+    nbd_fuse: Option<PathBuf>,
+    /// Write {"pid": N, "endpoint": PATH} here once serving.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    barnacle_replica::process::init_tracing();
+    let args = Args::parse();
+    barnacle_replica::process::runtime(2)?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let socket = PathBuf::from(
+        args.endpoint
+            .strip_prefix("unix://")
+            .with_context(|| format!("--endpoint {:?} is not unix:///PATH", args.endpoint))?,
+    );
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let helper = match args.nbd_fuse {
+        Some(p) => p,
+        None => {
+            std::env::current_exe()?.parent().context("program has no directory")?.join("barnacle-nbd-fuse")
+        }
+    };
+    anyhow::ensure!(helper.is_file(), "{} not found", helper.display());
+    let attacher = Attacher::new(&args.state_dir, helper, args.attach, args.loop_direct_io);
+    let service = Arc::new(NodeService::new(
+        NodeConfig { node_id: args.node_id.clone(), zone: args.zone.clone(), max_volumes: args.max_volumes },
+        attacher,
+    ));
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&socket);
+    let listener =
+        tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let attached = service.attacher().attached();
+    info!(endpoint = %socket.display(), node_id = %args.node_id, attached = attached.len(), "node plugin serving");
+    if let Some(path) = &args.ready_file {
+        let body = serde_json::json!({ "pid": std::process::id(), "endpoint": socket.display().to_string() });
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, body.to_string())?;
+        std::fs::rename(&tmp, path)?;
+    }
+    let shutdown = CancellationToken::new();
+    let sd = shutdown.clone();
+    tokio::spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("shutting down (attached volumes stay attached)");
+        sd.cancel();
+    });
+    barnacle_node::run(listener, service, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! The node's view of the kernel: mounts (from `/proc/self/mountinfo`), loop devices (from
+//! `/sys/block`), signatures on devices (`blkid -p`), and the external tools (mkfs, resize2fs,
+//! xfs_growfs, losetup), run asynchronously with their stderr in the error.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::NodeError;
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// `major:minor` of the mounted device.
+    pub dev: String,
+    /// The root of the mount within its filesystem.
+    pub root: String,
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    pub source: String,
+    pub options: String,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, …).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses mountinfo text.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let l: Vec<&str> = left.split(' ').collect();
+            let r: Vec<&str> = right.split(' ').collect();
+            Some(MountEntry {
+                dev: (*l.get(2)?).to_owned(),
+                root: unescape(l.get(3)?),
+                mount_point: PathBuf::from(unescape(l.get(4)?)),
+                fstype: (*r.first()?).to_owned(),
+                source: unescape(r.get(1)?),
+                options: (*l.get(5)?).to_owned(),
+            })
+        })
+        .collect()
+}
+
+pub fn mountinfo() -> Result<Vec<MountEntry>, NodeError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| NodeError::Internal(format!("reading mountinfo: {e}")))?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// The topmost mount at exactly `path`.
+pub fn mount_at(path: &Path) -> Result<Option<MountEntry>, NodeError> {
+    Ok(mountinfo()?.into_iter().rev().find(|m| m.mount_point == path))
+}
+
+/// Runs a tool; a failure carries its stderr.
+pub async fn run(program: &str, args: &[&str]) -> Result<String, NodeError> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| NodeError::Internal(format!("running {program}: {e}")))?;
+    if !out.status.success() {
+        return Err(NodeError::Internal(format!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What `blkid -p` finds on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Signature {
+    /// `TYPE` (a filesystem, swap, RAID member, …).
+    pub fs_type: Option<String>,
+    /// `PTTYPE` (a partition table).
+    pub pt_type: Option<String>,
+    /// `USAGE` (filesystem, raid, crypto, other).
+    pub usage: Option<String>,
+}
+
+impl Signature {
+    pub fn is_blank(&self) -> bool {
+        self.fs_type.is_none() && self.pt_type.is_none() && self.usage.is_none()
+    }
+
+    /// For messages.
+    pub fn describe(&self) -> String {
+        match (&self.fs_type, &self.pt_type, &self.usage) {
+            (Some(t), _, _) => format!("a {t} signature"),
+            (None, Some(p), _) => format!("a {p} partition table"),
+            (None, None, Some(u)) => format!("a signature of usage {u}"),
+            _ => "nothing".to_owned(),
+        }
+    }
+}
+
+/// Parses `blkid -p -o export` output.
+pub fn parse_blkid(text: &str) -> Signature {
+    let mut s = Signature::default();
+    for line in text.lines() {
+        match line.split_once('=') {
+            Some(("TYPE", v)) => s.fs_type = Some(v.to_owned()),
+            Some(("PTTYPE", v)) => s.pt_type = Some(v.to_owned()),
+            Some(("USAGE", v)) => s.usage = Some(v.to_owned()),
+            _ => {}
+        }
+    }
+    s
+}
+
+/// Low-level probe of a device's signatures. blkid exits 2 when it finds nothing; a device that
+/// cannot be read is an error, never "blank" (DESIGN rule 11).
+pub async fn probe(dev: &Path) -> Result<Signature, NodeError> {
+    let d = dev.display().to_string();
+    // The whole device must be readable first: blkid reads only a few places.
+    let mut f =
+        tokio::fs::File::open(dev).await.map_err(|e| NodeError::Internal(format!("opening {d}: {e}")))?;
+    let mut head = vec![0u8; 4096];
+    tokio::io::AsyncReadExt::read_exact(&mut f, &mut head)
+        .await
+        .map_err(|e| NodeError::Internal(format!("{d} is not readable: {e}")))?;
+    let out = tokio::process::Command::new("blkid")
+        .args(["-p", "-o", "export", &d])
+        .output()
+        .await
+        .map_err(|e| NodeError::Internal(format!("running blkid: {e}")))?;
+    match out.status.code() {
+        Some(0) => Ok(parse_blkid(&String::from_utf8_lossy(&out.stdout))),
+        Some(2) => Ok(Signature::default()),
+        _ => Err(NodeError::Internal(format!(
+            "blkid -p {d} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+    }
+}
+
+/// Mounts `source` at `target`.
+pub async fn mount(
+    source: &Path,
+    target: &Path,
+    fstype: &str,
+    flags: nix::mount::MsFlags,
+    data: &str,
+) -> Result<(), NodeError> {
+    let (s, t, f, d) = (source.to_owned(), target.to_owned(), fstype.to_owned(), data.to_owned());
+    tokio::task::spawn_blocking(move || {
+        nix::mount::mount(Some(&s), &t, Some(f.as_str()), flags, Some(d.as_str())).map_err(|e| {
+            NodeError::Internal(format!("mount {} at {} ({f}, {d:?}): {e}", s.display(), t.display()))
+        })
+    })
+    .await
+    .map_err(|e| NodeError::Internal(e.to_string()))?
+}
+
+/// Bind-mounts `source` at `target`, read-only if asked.
+pub async fn bind(source: &Path, target: &Path, readonly: bool) -> Result<(), NodeError> {
+    use nix::mount::MsFlags;
+    let (s, t) = (source.to_owned(), target.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let err =
+            |e: nix::Error| NodeError::Internal(format!("bind {} at {}: {e}", s.display(), t.display()));
+        nix::mount::mount(Some(&s), &t, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err)?;
+        if readonly {
+            let f = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            if let Err(e) = nix::mount::mount(None::<&str>, &t, None::<&str>, f, None::<&str>) {
+                let _ = nix::mount::umount2(&t, nix::mount::MntFlags::MNT_DETACH);
+                return Err(err(e));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| NodeError::Internal(e.to_string()))?
+}
+
+/// Unmounts `target` (every mount stacked there); nothing mounted is fine.
+pub async fn umount(target: &Path) -> Result<(), NodeError> {
+    let t = target.to_owned();
+    tokio::task::spawn_blocking(move || {
+        while mount_at(&t)?.is_some() {
+            nix::mount::umount2(&t, nix::mount::MntFlags::empty())
+                .map_err(|e| NodeError::Internal(format!("umount {}: {e}", t.display())))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| NodeError::Internal(e.to_string()))?
+}
+
+/// A block device's size in bytes.
+pub fn device_size(dev: &Path) -> Result<u64, NodeError> {
+    let name = dev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let sectors = std::fs::read_to_string(format!("/sys/class/block/{name}/size"))
+        .map_err(|e| NodeError::Internal(format!("size of {}: {e}", dev.display())))?;
+    let sectors: u64 =
+        sectors.trim().parse().map_err(|e| NodeError::Internal(format!("size of {}: {e}", dev.display())))?;
+    Ok(sectors * 512)
+}
+
+/// Loop devices and their backing files.
+pub fn loop_devices() -> Vec<(PathBuf, PathBuf)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else { return out };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+            out.push((PathBuf::from(format!("/dev/{name}")), PathBuf::from(backing.trim_end())));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_parse_with_escapes() {
+        let text = "36 35 98:0 /mnt1 /mnt/a\\040b rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+                    40 22 0:50 / /var/lib/x/fuse/vol-1 rw,nosuid,nodev shared:3 - fuse.barnacle barnacle:vol-1 rw,user_id=0\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mount_point, PathBuf::from("/mnt/a b"));
+        assert_eq!(
+            (m[0].fstype.as_str(), m[0].source.as_str(), m[0].dev.as_str()),
+            ("ext3", "/dev/root", "98:0")
+        );
+        assert_eq!(m[0].options, "rw,noatime");
+        assert_eq!((m[1].fstype.as_str(), m[1].source.as_str()), ("fuse.barnacle", "barnacle:vol-1"));
+    }
+
+    #[test]
+    fn blkid_export_output_parses() {
+        let s = parse_blkid("DEVNAME=/dev/loop3\nUUID=abc\nTYPE=ext4\nUSAGE=filesystem\n");
+        assert_eq!(s.fs_type.as_deref(), Some("ext4"));
+        assert!(!s.is_blank());
+        let p = parse_blkid("DEVNAME=/dev/loop3\nPTUUID=x\nPTTYPE=gpt\n");
+        assert_eq!(p.pt_type.as_deref(), Some("gpt"));
+        assert_eq!(p.describe(), "a gpt partition table");
+        assert!(parse_blkid("").is_blank());
+    }
+}
