@@ -29,6 +29,7 @@ pub fn status(e: ControllerError) -> Status {
         ControllerError::OutOfRange(_) => Status::out_of_range(msg),
         ControllerError::ResourceExhausted(_) => Status::resource_exhausted(msg),
         ControllerError::Aborted(_) => Status::aborted(msg),
+        ControllerError::Unavailable(_) => Status::unavailable(msg),
         ControllerError::Store(_) => Status::internal(msg),
         // Processes starting or restarting: the CO retries.
         ControllerError::Orchestrator { .. } => Status::unavailable(msg),
@@ -283,10 +284,20 @@ impl<O: Orchestrator> csi::controller_server::Controller for Controller<O> {
         let unsupported = r.volume_capabilities.iter().find_map(|c| capability(c).err());
         let params_match =
             r.parameters.is_empty() || VolumeParams::parse(&r.parameters).is_ok_and(|p| p == v.params);
+        let fs_conflict =
+            r.volume_capabilities.iter().find_map(|c| match (&c.access_type, v.params.fs_type) {
+                (Some(csi::volume_capability::AccessType::Mount(m)), Some(fs))
+                    if !m.fs_type.is_empty() && m.fs_type != fs.as_str() =>
+                {
+                    Some(format!("the volume's filesystem is {}, not {}", fs.as_str(), m.fs_type))
+                }
+                _ => None,
+            });
+        let unsupported = unsupported.map(|e| e.to_string()).or(fs_conflict);
         let ctx = v.params.volume_context();
         let ctx_match = r.volume_context.is_empty() || r.volume_context == ctx;
         let resp = match unsupported {
-            Some(e) => csi::ValidateVolumeCapabilitiesResponse { confirmed: None, message: e.to_string() },
+            Some(message) => csi::ValidateVolumeCapabilitiesResponse { confirmed: None, message },
             None if !params_match => csi::ValidateVolumeCapabilitiesResponse {
                 confirmed: None,
                 message: "the parameters differ from the volume's".into(),

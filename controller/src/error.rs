@@ -21,6 +21,9 @@ pub enum ControllerError {
     /// Another operation on the same volume or snapshot is in progress.
     #[error("{0}")]
     Aborted(String),
+    /// Not ready yet (recovering after a start): the caller retries.
+    #[error("{0}")]
+    Unavailable(String),
     /// The record store failed.
     #[error("volume store: {0}")]
     Store(String),

@@ -269,6 +269,24 @@ fn same_args(a: &[String], b: &[String]) -> bool {
     strip(a) == strip(b)
 }
 
+/// Stops a process that a ready file names and that no supervisor watches: SIGTERM, then SIGKILL.
+async fn kill_unwatched(ready_file: &Path) {
+    let Some((pid, _)) = crate::supervise::read_ready(ready_file) else { return };
+    let needle = ready_file.display().to_string();
+    if !crate::supervise::process_matches(pid, &needle) {
+        return;
+    }
+    let p = nix::unistd::Pid::from_raw(pid.cast_signed());
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
+    for _ in 0..500 {
+        if !crate::supervise::process_matches(pid, &needle) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+}
+
 fn ready_str<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(serde_json::Value::as_str)
 }
@@ -305,40 +323,56 @@ impl Orchestrator for LocalOrchestrator {
         Ok(())
     }
 
-    fn token(&self, volume_id: &str) -> Result<String> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
+    async fn create_token(&self, volume_id: &str) -> Result<String> {
         let path = self.token_file(volume_id);
-        match std::fs::read_to_string(&path) {
-            Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(orch(volume_id, format!("reading its token: {e}"))),
-        }
-        let token: String = {
-            use rand::Rng;
-            let bytes: [u8; 32] = rand::rng().random();
-            bytes.iter().map(|b| format!("{b:02x}")).collect()
-        };
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| orch(volume_id, format!("writing its token: {e}")))?;
-        f.write_all(token.as_bytes())
-            .and_then(|()| f.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| orch(volume_id, format!("writing its token: {e}")))?;
-        Ok(token)
+        let vid = volume_id.to_owned();
+        tokio::task::spawn_blocking(move || -> Result<String> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::read_to_string(&path) {
+                Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(orch(&vid, format!("reading its token: {e}"))),
+            }
+            let token: String = {
+                use rand::Rng;
+                let bytes: [u8; 32] = rand::rng().random();
+                bytes.iter().map(|b| format!("{b:02x}")).collect()
+            };
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| orch(&vid, format!("writing its token: {e}")))?;
+            f.write_all(token.as_bytes())
+                .and_then(|()| f.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| orch(&vid, format!("writing its token: {e}")))?;
+            Ok(token)
+        })
+        .await
+        .map_err(|e| orch(volume_id, e))?
     }
 
-    fn authority(&self, volume_id: &str) -> Result<Arc<dyn MembershipAuthority>> {
-        let a = FileAuthority::new(&self.cfg.state_dir.join("membership").join(volume_id))
-            .map_err(|e| orch(volume_id, e))?;
-        Ok(Arc::new(a))
+    async fn token(&self, volume_id: &str) -> Result<String> {
+        match tokio::fs::read_to_string(self.token_file(volume_id)).await {
+            Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
+            Ok(_) => Err(orch(volume_id, "its token file is empty")),
+            Err(e) => Err(orch(volume_id, format!("reading its token: {e}"))),
+        }
+    }
+
+    fn authority(&self, volume_id: &str, create: bool) -> Result<Option<Arc<dyn MembershipAuthority>>> {
+        let dir = self.cfg.state_dir.join("membership").join(volume_id);
+        if !create && !dir.is_dir() {
+            return Ok(None);
+        }
+        let a = FileAuthority::new(&dir).map_err(|e| orch(volume_id, e))?;
+        Ok(Some(Arc::new(a)))
     }
 
     async fn ensure_replica(
@@ -377,6 +411,10 @@ impl Orchestrator for LocalOrchestrator {
 
     async fn remove_replica(&self, volume_id: &str, replica: &ReplicaPlacement) -> Result<()> {
         self.unsupervise(&format!("replica/{volume_id}/{}", replica.id)).await;
+        // One that no controller watches (started before a crash and never adopted) goes too.
+        if let Ok(spec) = self.replica_spec(volume_id, replica, None) {
+            kill_unwatched(&spec.ready_file).await;
+        }
         let node = self.node(&replica.node)?.clone();
         let (vid, rid) = (volume_id.to_owned(), replica.id.clone());
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
@@ -432,11 +470,10 @@ impl Orchestrator for LocalOrchestrator {
 
     async fn stop_engine(&self, volume_id: &str) -> Result<()> {
         let key = format!("engine/{volume_id}");
-        let p = self.procs.lock().get(&key).cloned();
-        if let Some(p) = p {
-            let ready = p.spec().ready_file.clone();
-            self.unsupervise(&key).await;
-            let _ = std::fs::remove_file(ready);
+        self.unsupervise(&key).await;
+        // An engine no controller watches (on any node) goes too, before its ready file does.
+        for n in &self.cfg.nodes {
+            kill_unwatched(&n.dir.join("run").join(format!("{volume_id}-engine.ready"))).await;
         }
         // Sockets of any generation on any node.
         for n in &self.cfg.nodes {

@@ -39,11 +39,15 @@ pub trait Orchestrator: Send + Sync + 'static {
     /// Fails when the orchestrator cannot start anything (for Probe).
     fn check(&self) -> Result<()>;
 
-    /// The volume's token (created on first use). Never logged or put in a record.
-    fn token(&self, volume_id: &str) -> Result<String>;
+    /// Creates the volume's token if it has none. Never logged or put in a record.
+    fn create_token(&self, volume_id: &str) -> impl Future<Output = Result<String>> + Send;
 
-    /// The volume's membership authority (DESIGN rule 1).
-    fn authority(&self, volume_id: &str) -> Result<Arc<dyn MembershipAuthority>>;
+    /// The volume's token; an error if it has none (the volume was never built, or is gone).
+    fn token(&self, volume_id: &str) -> impl Future<Output = Result<String>> + Send;
+
+    /// The volume's membership authority (DESIGN rule 1). With `create` false, `None` when the
+    /// volume has none (reads must not bring back what a delete removed).
+    fn authority(&self, volume_id: &str, create: bool) -> Result<Option<Arc<dyn MembershipAuthority>>>;
 
     /// Makes the replica serve, creating its store with `create_size` bytes if it has none.
     /// Without `create_size` the store must exist (for example made by a clone).

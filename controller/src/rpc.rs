@@ -60,17 +60,10 @@ pub fn req<T>(msg: T) -> tonic::Request<T> {
     r
 }
 
-/// Maps a failed management call to the controller's error, keeping the code's meaning.
+/// A failed management call. The peer's code is kept in the message, not passed on: what a CSI
+/// caller should see is the service's decision (a replica's AlreadyExists is no name conflict).
 pub fn call_err(volume_id: &str, what: &str, s: &tonic::Status) -> ControllerError {
-    let msg = format!("volume {volume_id}: {what}: {}", s.message());
-    match s.code() {
-        tonic::Code::NotFound => ControllerError::NotFound(msg),
-        tonic::Code::InvalidArgument => ControllerError::InvalidArgument(msg),
-        tonic::Code::AlreadyExists => ControllerError::AlreadyExists(msg),
-        tonic::Code::ResourceExhausted => ControllerError::ResourceExhausted(msg),
-        tonic::Code::OutOfRange => ControllerError::OutOfRange(msg),
-        _ => ControllerError::orchestrator(volume_id, format!("{what}: {} ({:?})", s.message(), s.code())),
-    }
+    ControllerError::orchestrator(volume_id, format!("{what}: {} ({:?})", s.message(), s.code()))
 }
 
 /// Fences one replica at `epoch` (DESIGN rules 3 and 10): afterwards it refuses every request of

@@ -151,6 +151,9 @@ pub struct Service<O: Orchestrator> {
     /// The identity this controller fences replicas under on detach.
     fencer: Uuid,
     recovered: std::sync::atomic::AtomicBool,
+    /// Held from reading what nodes hold to recording a new placement or size, so two
+    /// operations cannot both take the same room.
+    placing: tokio::sync::Mutex<()>,
 }
 
 impl<O: Orchestrator> std::fmt::Debug for Service<O> {
@@ -168,6 +171,7 @@ impl<O: Orchestrator> Service<O> {
             guards: Guards::default(),
             fencer: Uuid::new_v4(),
             recovered: std::sync::atomic::AtomicBool::new(false),
+            placing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -215,6 +219,22 @@ impl<O: Orchestrator> Service<O> {
     /// published ones. Volumes still being created are finished by the repeated CreateVolume.
     pub async fn recover(&self) -> Result<()> {
         let volumes = self.db(|s| s.volumes()).await?;
+        let snapshots = self.db(|s| s.snapshots()).await?;
+        // A deleted volume kept for snapshots that are all gone (a crash between the two).
+        for v in volumes.iter().filter(|v| v.state == VolumeState::Deleted) {
+            if !snapshots.iter().any(|s| s.volume_id == v.id) {
+                for r in &v.replicas {
+                    self.orch.adopt_replica(v, r);
+                }
+                if let Err(e) = self.destroy(v).await {
+                    warn!(volume_id = %v.id, error = %e, "a deleted volume was not removed");
+                }
+            }
+        }
+        let volumes: Vec<VolumeRecord> = volumes
+            .into_iter()
+            .filter(|v| v.state != VolumeState::Deleted || snapshots.iter().any(|s| s.volume_id == v.id))
+            .collect();
         // Processes of a create that was interrupted: watched, so the repeated create can stop them.
         for v in volumes.iter().filter(|v| v.state == VolumeState::Creating) {
             for r in &v.replicas {
@@ -247,6 +267,16 @@ impl<O: Orchestrator> Service<O> {
         v.replicas.iter().zip(eps).map(|(r, ep)| ep.map(|ep| (r.id.clone(), ep.data))).collect()
     }
 
+    /// Changes wait until recovery has looked after existing volumes: a retried call must not
+    /// race the recovery of the same volume.
+    fn ready(&self) -> Result<()> {
+        if self.recovered.load(std::sync::atomic::Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err(ControllerError::Unavailable("the controller is recovering its volumes; retry".into()))
+        }
+    }
+
     fn nodes(&self) -> Vec<NodeInfo> {
         self.orch.nodes()
     }
@@ -259,6 +289,7 @@ impl<O: Orchestrator> Service<O> {
 
     /// CreateVolume: idempotent by name; a repeat of an interrupted create finishes it.
     pub async fn create_volume(&self, req: CreateVolume) -> Result<VolumeRecord> {
+        self.ready()?;
         let size = volume_size(req.required_bytes, req.limit_bytes)?;
         let mut keys = vec![format!("name/{}", req.name)];
         match &req.source {
@@ -313,6 +344,7 @@ impl<O: Orchestrator> Service<O> {
                 "the source holds {min_size} bytes; the volume would have {size}"
             )));
         }
+        let placing = self.placing.lock().await;
         let all = self.db(|s| s.volumes()).await?;
         let used = crate::store::provisioned_by_node(&all);
         let mut placed: Vec<String> =
@@ -338,6 +370,13 @@ impl<O: Orchestrator> Service<O> {
                 Err(e) => return Err(e),
             }
         }
+        if placed.len() < req.params.min_healthy_replicas {
+            return Err(ControllerError::ResourceExhausted(format!(
+                "only {} replicas can be placed; minHealthyReplicas is {}",
+                placed.len(),
+                req.params.min_healthy_replicas
+            )));
+        }
         let v = VolumeRecord {
             id: new_id("vol"),
             name: req.name.clone(),
@@ -355,13 +394,14 @@ impl<O: Orchestrator> Service<O> {
             created_unix: now_unix(),
         };
         self.put_volume(&v).await?;
+        drop(placing);
         info!(volume_id = %v.id, name = %v.name, size, replicas = ?v.replicas, source = ?v.source, "creating volume");
         self.build_volume(v).await
     }
 
     /// The volume's membership record (a blocking read, done off the async threads).
     async fn membership(&self, id: &str) -> Result<Option<barnacle_engine::authority::Versioned>> {
-        let a = self.orch.authority(id)?;
+        let Some(a) = self.orch.authority(id, false)? else { return Ok(None) };
         tokio::task::spawn_blocking(move || a.load())
             .await
             .map_err(|e| ControllerError::orchestrator(id, e))?
@@ -388,7 +428,7 @@ impl<O: Orchestrator> Service<O> {
         for r in &v.replicas {
             self.orch.remove_replica(&v.id, r).await?;
         }
-        self.orch.token(&v.id)?;
+        self.orch.create_token(&v.id).await?;
         let result = self.make_replicas(&v).await;
         let (healthy, empty) = match result {
             Ok(x) => x,
@@ -420,7 +460,10 @@ impl<O: Orchestrator> Service<O> {
                 })
             })
             .collect();
-        let authority = self.orch.authority(&v.id)?;
+        let authority = self
+            .orch
+            .authority(&v.id, true)?
+            .ok_or_else(|| ControllerError::orchestrator(&v.id, "no membership authority"))?;
         let id = v.id.clone();
         tokio::task::spawn_blocking(move || {
             let expected = authority.load()?.map(|x| x.version);
@@ -486,7 +529,7 @@ impl<O: Orchestrator> Service<O> {
         healthy: &mut BTreeMap<String, String>,
         empty: &mut BTreeMap<String, String>,
     ) -> Result<()> {
-        let token = self.orch.token(&src.id)?;
+        let token = self.orch.token(&src.id).await?;
         let sources = self.in_sync_replicas(src).await?;
         for r in &v.replicas {
             let Some(from) = sources.iter().find(|s| s.node == r.node) else {
@@ -518,7 +561,7 @@ impl<O: Orchestrator> Service<O> {
             info!(volume_id = %v.id, replica = %r.id, mode, "replica cloned");
             let ep = self.orch.ensure_replica(v, r, None).await?;
             if self.replica_size(v, &ep.mgmt).await? < v.size {
-                let mut c = rpc::replica_mgmt(&v.id, &ep.mgmt, &self.orch.token(&v.id)?).await?;
+                let mut c = rpc::replica_mgmt(&v.id, &ep.mgmt, &self.orch.token(&v.id).await?).await?;
                 c.resize(rpc::req(rpb::ResizeRequest { size_bytes: v.size }))
                     .await
                     .map_err(|s| rpc::call_err(&v.id, "resize", &s))?;
@@ -529,7 +572,7 @@ impl<O: Orchestrator> Service<O> {
     }
 
     async fn replica_size(&self, v: &VolumeRecord, mgmt: &str) -> Result<u64> {
-        let mut c = rpc::replica_mgmt(&v.id, mgmt, &self.orch.token(&v.id)?).await?;
+        let mut c = rpc::replica_mgmt(&v.id, mgmt, &self.orch.token(&v.id).await?).await?;
         Ok(c.stat(rpc::req(rpb::StatRequest {}))
             .await
             .map_err(|s| rpc::call_err(&v.id, "stat", &s))?
@@ -540,6 +583,7 @@ impl<O: Orchestrator> Service<O> {
     /// DeleteVolume: idempotent; a published volume is FailedPrecondition; a volume with snapshots
     /// is kept (hidden) until its last snapshot goes.
     pub async fn delete_volume(&self, id: &str) -> Result<()> {
+        self.ready()?;
         let _g = self.guards.lock(&[vkey(id)])?;
         let Some(mut v) = self.volume(id).await? else { return Ok(()) };
         if v.state == VolumeState::Deleted {
@@ -628,7 +672,7 @@ impl<O: Orchestrator> Service<O> {
             .orch
             .engine(&v.id)
             .ok_or_else(|| ControllerError::orchestrator(&v.id, "its engine is not running"))?;
-        let mut c = rpc::engine_mgmt(&v.id, &ep.mgmt, &self.orch.token(&v.id)?).await?;
+        let mut c = rpc::engine_mgmt(&v.id, &ep.mgmt, &self.orch.token(&v.id).await?).await?;
         Ok(c.status(rpc::req(epb::StatusRequest {}))
             .await
             .map_err(|s| rpc::call_err(&v.id, "status", &s))?
@@ -682,6 +726,7 @@ impl<O: Orchestrator> Service<O> {
 
     /// ControllerPublishVolume: starts the engine on the node; returns the publish context.
     pub async fn publish(&self, p: Publish) -> Result<HashMap<String, String>> {
+        self.ready()?;
         let _g = self.guards.lock(&[vkey(&p.volume_id)])?;
         let mut v = self.live_volume(&p.volume_id).await?;
         if !self.node_exists(&p.node) {
@@ -724,6 +769,7 @@ impl<O: Orchestrator> Service<O> {
     /// ControllerUnpublishVolume: stops the engine and fences the volume (rule 10). OK when the
     /// volume or the publication does not exist.
     pub async fn unpublish(&self, volume_id: &str, node: Option<&str>) -> Result<()> {
+        self.ready()?;
         let _g = self.guards.lock(&[vkey(volume_id)])?;
         let Some(mut v) = self.volume(volume_id).await? else { return Ok(()) };
         let Some(att) = v.attachment.clone() else { return Ok(()) };
@@ -741,7 +787,7 @@ impl<O: Orchestrator> Service<O> {
     /// Takes the volume's next epoch with no engine, and fences every reachable replica with it:
     /// an engine that outlived its detach can no longer write.
     async fn fence(&self, v: &VolumeRecord) -> Result<()> {
-        let authority = self.orch.authority(&v.id)?;
+        let Some(authority) = self.orch.authority(&v.id, false)? else { return Ok(()) };
         let id = v.id.clone();
         let record = tokio::task::spawn_blocking(
             move || -> Result<Option<Membership>, barnacle_engine::authority::AuthorityError> {
@@ -757,7 +803,7 @@ impl<O: Orchestrator> Service<O> {
         .map_err(|e| ControllerError::orchestrator(&id, e))?
         .map_err(|e| ControllerError::orchestrator(&id, format!("fencing: {e}")))?;
         let Some(m) = record else { return Ok(()) };
-        let token = self.orch.token(&v.id)?;
+        let token = self.orch.token(&v.id).await?;
         let results = join_all(
             m.replicas.iter().map(|r| rpc::fence_replica(&v.id, &token, &r.addr, m.epoch, self.fencer)),
         )
@@ -775,6 +821,7 @@ impl<O: Orchestrator> Service<O> {
 
     /// CreateSnapshot: idempotent by name.
     pub async fn create_snapshot(&self, name: &str, source: &str) -> Result<SnapshotRecord> {
+        self.ready()?;
         let _g = self.guards.lock(&[format!("snapshot-name/{name}"), vkey(source)])?;
         let n = name.to_owned();
         if let Some(s) = self.db(move |st| st.snapshot_by_name(&n)).await? {
@@ -816,7 +863,7 @@ impl<O: Orchestrator> Service<O> {
     /// A snapshot named `name` on every in-sync replica: through the engine (an IO barrier) when
     /// the volume is published, else on the replicas directly (nothing writes to them).
     async fn snapshot_on_replicas_or_engine(&self, v: &VolumeRecord, name: &str) -> Result<()> {
-        let token = self.orch.token(&v.id)?;
+        let token = self.orch.token(&v.id).await?;
         if v.attachment.is_some() {
             let (mut c, exists) = self.engine_snapshot(v, &token, name).await?;
             if exists {
@@ -868,7 +915,7 @@ impl<O: Orchestrator> Service<O> {
 
     /// Deletes a snapshot's data on every replica (through the engine when published).
     async fn delete_snapshot_data(&self, v: &VolumeRecord, name: &str) -> Result<()> {
-        let token = self.orch.token(&v.id)?;
+        let token = self.orch.token(&v.id).await?;
         if v.attachment.is_some() {
             let (mut c, exists) = self.engine_snapshot(v, &token, name).await?;
             if exists {
@@ -894,6 +941,7 @@ impl<O: Orchestrator> Service<O> {
 
     /// DeleteSnapshot: idempotent; the last snapshot of a deleted volume takes the volume with it.
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        self.ready()?;
         let sid = id.to_owned();
         let Some(s) = self.db(move |st| st.snapshot(&sid)).await? else { return Ok(()) };
         let _g = self.guards.lock(&[
@@ -903,22 +951,23 @@ impl<O: Orchestrator> Service<O> {
         ])?;
         if let Some(v) = self.volume(&s.volume_id).await? {
             self.delete_snapshot_data(&v, &s.id).await?;
-            let sid = id.to_owned();
-            self.db(move |st| st.delete_snapshot(&sid)).await?;
-            info!(volume_id = %v.id, snapshot = %id, "snapshot deleted");
             if v.state == VolumeState::Deleted {
-                let vid = v.id.clone();
-                let left = self
-                    .db(move |st| Ok(st.snapshots()?.iter().filter(|x| x.volume_id == vid).count()))
+                let (vid, sid) = (v.id.clone(), id.to_owned());
+                let others = self
+                    .db(move |st| {
+                        Ok(st.snapshots()?.iter().filter(|x| x.volume_id == vid && x.id != sid).count())
+                    })
                     .await?;
-                if left == 0 {
+                if others == 0 {
+                    // The volume goes first: a crash in between leaves the snapshot record, and a
+                    // repeated DeleteSnapshot finishes the job.
                     self.destroy(&v).await?;
                 }
             }
-        } else {
-            let sid = id.to_owned();
-            self.db(move |st| st.delete_snapshot(&sid)).await?;
         }
+        let sid = id.to_owned();
+        self.db(move |st| st.delete_snapshot(&sid)).await?;
+        info!(volume_id = %s.volume_id, snapshot = %id, "snapshot deleted");
         Ok(())
     }
 
@@ -961,13 +1010,27 @@ impl<O: Orchestrator> Service<O> {
     /// ControllerExpandVolume: grows every replica (through the engine when published). Returns the
     /// new size; a request at or below the current size changes nothing.
     pub async fn expand(&self, id: &str, required: i64, limit: i64) -> Result<u64> {
-        let size = volume_size(required, limit)?;
+        self.ready()?;
+        if required < 0 || limit < 0 || (required == 0 && limit == 0) {
+            return Err(ControllerError::InvalidArgument(
+                "capacity_range needs a positive required_bytes or limit_bytes".into(),
+            ));
+        }
         let _g = self.guards.lock(&[vkey(id)])?;
         let mut v = self.live_volume(id).await?;
-        if size <= v.size {
+        let (required, limit) = (required.cast_unsigned(), limit.cast_unsigned());
+        if limit > 0 && v.size > limit {
+            return Err(ControllerError::OutOfRange(format!(
+                "volume {id} already has {} bytes, above limit_bytes {limit}",
+                v.size
+            )));
+        }
+        if required <= v.size {
             return Ok(v.size);
         }
+        let size = volume_size(required.cast_signed(), limit.cast_signed())?;
         let grow = size - v.size;
+        let _placing = self.placing.lock().await;
         let all = self.db(|s| s.volumes()).await?;
         let used = crate::store::provisioned_by_node(&all);
         for r in &v.replicas {
@@ -980,7 +1043,7 @@ impl<O: Orchestrator> Service<O> {
                 )));
             }
         }
-        let token = self.orch.token(&v.id)?;
+        let token = self.orch.token(&v.id).await?;
         if v.attachment.is_some() {
             let ep = self.engine_for(&v)?;
             let mut c = rpc::engine_mgmt(&v.id, &ep.mgmt, &token).await?;

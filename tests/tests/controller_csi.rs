@@ -275,6 +275,18 @@ async fn every_rpc_follows_the_spec_error_table() {
     case!("create: idempotent repeat", Code::Ok, |c| c.create_volume(one_replica("conf-base", 16)));
     case!("create: repeat with another size", Code::AlreadyExists, |c| c
         .create_volume(one_replica("conf-base", 32)));
+    case!("create: repeat with a content source", Code::AlreadyExists, |c| {
+        let mut r = one_replica("conf-base", 16);
+        r.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource { snapshot_id: snap_id.to_owned() },
+            )),
+        });
+        c.create_volume(r)
+    });
+    case!("create: fewer nodes than minHealthyReplicas", Code::ResourceExhausted, |c| {
+        c.create_volume(create_req("x19", 16, &[("replicas", "5"), ("minHealthyReplicas", "4")]))
+    });
     case!("create: repeat with other parameters", Code::AlreadyExists, |c| {
         c.create_volume(create_req("conf-base", 16, &[("replicas", "2")]))
     });
@@ -421,6 +433,14 @@ async fn every_rpc_follows_the_spec_error_table() {
     });
     case!("expand: unknown volume", Code::NotFound, |c| {
         c.controller_expand_volume(expand("vol-0000000000000000", Some(32 * MIB)))
+    });
+    case!("expand: empty capacity range", Code::InvalidArgument, |c| {
+        c.controller_expand_volume(expand(base_id, Some(0)))
+    });
+    case!("expand: limit below the current size", Code::OutOfRange, |c| {
+        let mut r = expand(base_id, Some(MIB));
+        r.capacity_range = Some(csi::CapacityRange { required_bytes: MIB, limit_bytes: 2 * MIB });
+        c.controller_expand_volume(r)
     });
     case!("expand: beyond the nodes' room", Code::OutOfRange, |c| {
         c.controller_expand_volume(expand(base_id, Some(1 << 50)))

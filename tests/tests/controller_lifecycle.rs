@@ -109,10 +109,15 @@ async fn volume_ids(c: &mut ControllerClient<Channel>) -> Vec<String> {
     r.entries.into_iter().map(|e| e.volume.unwrap().volume_id).collect()
 }
 
-/// The pid serving a process whose ready file is `ready` (the engine or a replica).
+/// The pid serving a process whose ready file is `ready` (the engine or a replica), if it has
+/// one now (a restarting process has none for a moment).
+fn try_pid_of(ready: &Path) -> Option<i32> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(ready).ok()?).ok()?;
+    i32::try_from(v["pid"].as_i64()?).ok()
+}
+
 fn pid_of(ready: &Path) -> i32 {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(ready).unwrap()).unwrap();
-    i32::try_from(v["pid"].as_i64().unwrap()).unwrap()
+    try_pid_of(ready).unwrap()
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -194,7 +199,7 @@ async fn lifecycle(kill_controller: bool) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(replica), nix::sys::signal::Signal::SIGKILL)
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::fs::read(&replica_ready).is_err() || pid_of(&replica_ready) == replica {
+        while try_pid_of(&replica_ready).is_none_or(|p| p == replica) {
             assert!(Instant::now() < deadline, "killed replica not restarted:\n{}", ctl.log_text());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
