@@ -595,3 +595,116 @@ pub fn csi_capability(block: bool, fs_type: &str) -> csi_proto::v1::VolumeCapabi
         }),
     }
 }
+
+/// A `barnacle-node` for node `node_id`, its state in `root/node-<id>`, its CSI socket
+/// `root/node-<id>.sock`. Dropping it kills the plugin (not what it attached: see
+/// [`cleanup_attachments`]).
+#[derive(Debug)]
+pub struct NodeProcess {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl NodeProcess {
+    pub fn start(root: &Path, node_id: &str, extra: &[&str]) -> NodeProcess {
+        let socket = root.join(format!("node-{node_id}.sock"));
+        let state_dir = root.join(format!("node-{node_id}"));
+        let log = root.join(format!("node-{node_id}.log"));
+        let ready = root.join(format!("node-{node_id}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let mut child = Command::new(binary("barnacle-node"))
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--node-id", node_id, "--zone", "z1"])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "node plugin exited early with {status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "node plugin did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        NodeProcess { child, socket, state_dir, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn clients(
+        &self,
+    ) -> (
+        csi_proto::v1::identity_client::IdentityClient<tonic::transport::Channel>,
+        csi_proto::v1::node_client::NodeClient<tonic::transport::Channel>,
+    ) {
+        let ch = csi_proto::unix_channel(&self.socket.display().to_string()).unwrap();
+        (
+            csi_proto::v1::identity_client::IdentityClient::new(ch.clone()),
+            csi_proto::v1::node_client::NodeClient::new(ch),
+        )
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Mount points under `root`, deepest first.
+pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut out: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(root))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out
+}
+
+/// Loop devices whose backing file is under `root`.
+pub fn loops_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file"))
+            && Path::new(b.trim_end()).starts_with(root)
+        {
+            out.push(PathBuf::from(format!("/dev/{name}")));
+        }
+    }
+    out
+}
+
+/// Removes whatever a failed test left attached under `root`: loop devices, then mounts.
+pub fn cleanup_attachments(root: &Path) {
+    for dev in loops_under(root) {
+        let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+    }
+    for m in mounts_under(root) {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+    }
+}

@@ -1,0 +1,640 @@
+//! The CSI node plugin with real processes (replicas, engines, controller, node plugin), real
+//! filesystems and mounts, on the userspace attach (FUSE file + loop device; this machine has no
+//! nbd module): stage, publish, restage on a fresh plugin, block volumes, never reformatting,
+//! online expansion, stats and volume condition, idempotency, and a plugin SIGKILLed while a
+//! volume is staged and published. Needs root.
+
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use barnacle_tests::{
+    ControllerProcess, NodeProcess, cleanup_attachments, csi_capability, kill_processes_mentioning,
+    loops_under, mounts_under, processes_mentioning, run_ok,
+};
+use csi::node_client::NodeClient;
+use csi_proto::v1 as csi;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MIB: i64 = 1 << 20;
+
+/// A controller with three nodes and the node plugin of node n1. Dropping it detaches and
+/// unmounts whatever a failed test left, then kills every process.
+struct Env {
+    ctl: ControllerProcess,
+    node: NodeProcess,
+    root: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Env {
+    async fn new(node_args: &[&str]) -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_owned();
+        let ctl = ControllerProcess::start(&root, 3);
+        ctl.wait_probe_ready().await;
+        let node = NodeProcess::start(&root, "n1", node_args);
+        Env { ctl, node, root, _tmp: tmp }
+    }
+
+    fn node(&self) -> NodeClient<Channel> {
+        self.node.clients().1
+    }
+
+    fn restart_node(&mut self, node_args: &[&str]) {
+        self.node.kill();
+        self.node = NodeProcess::start(&self.root, "n1", node_args);
+    }
+
+    /// Creates a volume and publishes it to n1 through the controller; returns (id, publish context,
+    /// volume context).
+    async fn volume(
+        &self,
+        name: &str,
+        mib: i64,
+        params: &[(&str, &str)],
+    ) -> (String, std::collections::HashMap<String, String>, std::collections::HashMap<String, String>) {
+        let (_, mut c) = self.ctl.clients();
+        let v = c
+            .create_volume(csi::CreateVolumeRequest {
+                name: name.to_owned(),
+                capacity_range: Some(csi::CapacityRange { required_bytes: mib * MIB, limit_bytes: 0 }),
+                volume_capabilities: vec![csi_capability(false, "")],
+                parameters: params.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let ctx = c
+            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                node_id: "n1".into(),
+                volume_capability: Some(csi_capability(false, "")),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+        (v.volume_id, ctx, v.volume_context)
+    }
+
+    fn staging(&self, vol: &str) -> PathBuf {
+        let p = self.root.join("kubelet/staging").join(vol);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn target(&self, pod: &str, vol: &str) -> PathBuf {
+        let p = self.root.join("kubelet/pods").join(pod);
+        std::fs::create_dir_all(&p).unwrap();
+        p.join(vol)
+    }
+
+    /// Nothing attached or mounted under the test's root, and no helper process.
+    fn assert_clean(&self) {
+        assert!(mounts_under(&self.root).is_empty(), "mounts left: {:?}", mounts_under(&self.root));
+        assert!(loops_under(&self.root).is_empty(), "loop devices left: {:?}", loops_under(&self.root));
+        let helpers: Vec<i32> = processes_mentioning(&self.root.join("node-n1"))
+            .into_iter()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("barnacle-nbd-fuse"))
+            })
+            .collect();
+        assert!(helpers.is_empty(), "attach helpers left: {helpers:?}");
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.node.kill();
+        cleanup_attachments(&self.root);
+        kill_processes_mentioning(&self.root);
+    }
+}
+
+fn mount_cap(fs: &str) -> csi::VolumeCapability {
+    csi_capability(false, fs)
+}
+
+fn block_cap() -> csi::VolumeCapability {
+    csi_capability(true, "")
+}
+
+async fn stage(
+    n: &mut NodeClient<Channel>,
+    vol: &str,
+    ctx: &std::collections::HashMap<String, String>,
+    vctx: &std::collections::HashMap<String, String>,
+    staging: &Path,
+    cap: csi::VolumeCapability,
+) -> Result<(), tonic::Status> {
+    n.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: vol.to_owned(),
+        publish_context: ctx.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap),
+        volume_context: vctx.clone(),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn publish(
+    n: &mut NodeClient<Channel>,
+    vol: &str,
+    staging: &Path,
+    target: &Path,
+    cap: csi::VolumeCapability,
+    readonly: bool,
+) -> Result<(), tonic::Status> {
+    n.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: vol.to_owned(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap),
+        readonly,
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn unpublish(n: &mut NodeClient<Channel>, vol: &str, target: &Path) -> Result<(), tonic::Status> {
+    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: vol.to_owned(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn unstage(n: &mut NodeClient<Channel>, vol: &str, staging: &Path) -> Result<(), tonic::Status> {
+    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: vol.to_owned(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn stats(n: &mut NodeClient<Channel>, vol: &str, path: &Path) -> csi::NodeGetVolumeStatsResponse {
+    n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+        volume_id: vol.to_owned(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn fstype_at(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap()))
+        .filter_map(|l| l.split(" - ").nth(1)?.split(' ').next().map(str::to_owned))
+        .next_back()
+}
+
+/// Deterministic bytes for a file or region.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40503)) >> 7) as u8).collect()
+}
+
+fn write_synced(path: &Path, data: &[u8]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+async fn fs_round_trip(fs: &str, mib: i64) {
+    let mut env = Env::new(&[]).await;
+    let (vol, ctx, vctx) = env.volume(&format!("fs-{fs}"), mib, &[("fsType", fs)]).await;
+    assert_eq!(vctx.get("fsType").map(String::as_str), Some(fs), "fsType reaches the node");
+    let staging = env.staging(&vol);
+    let target = env.target("pod-a", &vol);
+    let mut n = env.node();
+    stage(&mut n, &vol, &ctx, &vctx, &staging, mount_cap(fs)).await.unwrap();
+    publish(&mut n, &vol, &staging, &target, mount_cap(fs), false).await.unwrap();
+    assert_eq!(fstype_at(&target).as_deref(), Some(fs));
+    let small = b"hello from barnacle\n".to_vec();
+    let large = pattern(7, 5 << 20);
+    write_synced(&target.join("small.txt"), &small);
+    std::fs::create_dir(target.join("dir")).unwrap();
+    write_synced(&target.join("dir/large.bin"), &large);
+    unpublish(&mut n, &vol, &target).await.unwrap();
+    assert!(!target.exists(), "the target path is removed");
+    unstage(&mut n, &vol, &staging).await.unwrap();
+    env.assert_clean();
+
+    // A fresh plugin stages again: the filesystem is kept (never reformatted) with its files.
+    env.restart_node(&[]);
+    let mut n = env.node();
+    let target2 = env.target("pod-b", &vol);
+    stage(&mut n, &vol, &ctx, &vctx, &staging, mount_cap(fs)).await.unwrap();
+    publish(&mut n, &vol, &staging, &target2, mount_cap(fs), true).await.unwrap();
+    assert_eq!(std::fs::read(target2.join("small.txt")).unwrap(), small);
+    assert!(std::fs::read(target2.join("dir/large.bin")).unwrap() == large, "large file differs");
+    assert!(std::fs::write(target2.join("nope"), b"x").is_err(), "a readonly publication refuses writes");
+    unpublish(&mut n, &vol, &target2).await.unwrap();
+    unstage(&mut n, &vol, &staging).await.unwrap();
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext4_files_survive_unstage_and_a_fresh_node_plugin() {
+    fs_round_trip("ext4", 128).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xfs_files_survive_unstage_and_a_fresh_node_plugin() {
+    fs_round_trip("xfs", 512).await;
+}
+
+/// Writes and reads back regions of the block device at `dev`, small and large, with O_DIRECT
+/// when `direct`.
+fn block_io(dev: &Path, direct: bool, seed: u64) -> Vec<(u64, Vec<u8>)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true);
+    if direct {
+        opts.custom_flags(libc_o_direct());
+    }
+    let mut f = opts.open(dev).unwrap();
+    let regions: Vec<(u64, usize)> =
+        vec![(0, 4096), (8192, 65536), (1 << 20, 1 << 20), (3 << 20, 4 << 20), (12 << 20, 4096)];
+    let mut written = Vec::new();
+    for (i, (off, len)) in regions.into_iter().enumerate() {
+        let data = pattern(seed + i as u64, len);
+        let buf = Aligned::from(&data);
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.write_all(buf.as_slice()).unwrap();
+        written.push((off, data));
+    }
+    f.sync_all().unwrap();
+    for (off, data) in &written {
+        let mut buf = Aligned::zeroed(data.len());
+        f.seek(SeekFrom::Start(*off)).unwrap();
+        f.read_exact(buf.as_mut_slice()).unwrap();
+        assert!(buf.as_slice() == data.as_slice(), "read back differs at {off} (direct {direct})");
+    }
+    written
+}
+
+fn libc_o_direct() -> i32 {
+    0o40000
+}
+
+/// A 4 KiB-aligned buffer (O_DIRECT needs one).
+struct Aligned {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Aligned {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(4096), 4096).unwrap()
+    }
+
+    fn zeroed(len: usize) -> Aligned {
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(Self::layout(len)) };
+        assert!(!ptr.is_null());
+        Aligned { ptr, len }
+    }
+
+    fn from(data: &[u8]) -> Aligned {
+        let mut a = Aligned::zeroed(data.len());
+        a.as_mut_slice().copy_from_slice(data);
+        a
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr holds len initialised bytes, owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr holds len initialised bytes, owned by self and borrowed mutably here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in zeroed() with the same layout.
+        unsafe { std::alloc::dealloc(self.ptr, Self::layout(self.len)) }
+    }
+}
+
+async fn block_round_trip(loop_direct_io: bool) {
+    let arg = format!("--loop-direct-io={loop_direct_io}");
+    let mut env = Env::new(&[&arg]).await;
+    let (vol, ctx, vctx) = env.volume(&format!("blk-{loop_direct_io}"), 64, &[]).await;
+    let staging = env.staging(&vol);
+    let target = env.target("pod-a", &vol);
+    let mut n = env.node();
+    stage(&mut n, &vol, &ctx, &vctx, &staging, block_cap()).await.unwrap();
+    publish(&mut n, &vol, &staging, &target, block_cap(), false).await.unwrap();
+    let meta = std::fs::metadata(&target).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()), "target is the device node");
+    let mut written = block_io(&target, true, 1);
+    written.extend(block_io(&target, false, 100));
+    let st = stats(&mut n, &vol, &target).await;
+    assert_eq!(st.usage[0].total, 64 * MIB);
+    unpublish(&mut n, &vol, &target).await.unwrap();
+    unstage(&mut n, &vol, &staging).await.unwrap();
+    env.assert_clean();
+
+    // A client we did not write reads what went through FUSE and the loop device.
+    let uri = format!("nbd+unix:///{}?socket={}", ctx["exportName"], ctx["nbdSocket"]);
+    let image = env.root.join("image.raw");
+    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, image.to_str().unwrap()]);
+    let bytes = std::fs::read(&image).unwrap();
+    for (off, data) in written.iter().skip(5) {
+        let o = *off as usize;
+        assert!(bytes[o..o + data.len()] == data[..], "qemu-img sees other bytes at {off}");
+    }
+
+    // Staged again by a fresh plugin, the device holds the same bytes.
+    env.restart_node(&[&arg]);
+    let mut n = env.node();
+    stage(&mut n, &vol, &ctx, &vctx, &staging, block_cap()).await.unwrap();
+    publish(&mut n, &vol, &staging, &target, block_cap(), false).await.unwrap();
+    let mut f = std::fs::File::open(&target).unwrap();
+    for (off, data) in written.iter().skip(5) {
+        let mut got = vec![0u8; data.len()];
+        f.seek(SeekFrom::Start(*off)).unwrap();
+        f.read_exact(&mut got).unwrap();
+        assert!(got == *data, "restaged device differs at {off}");
+    }
+    drop(f);
+    unpublish(&mut n, &vol, &target).await.unwrap();
+    unstage(&mut n, &vol, &staging).await.unwrap();
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_volume_through_a_loop_device_with_direct_io() {
+    block_round_trip(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_volume_through_a_loop_device_with_buffered_io() {
+    block_round_trip(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_an_unknown_signature_is_never_formatted() {
+    let env = Env::new(&[]).await;
+    let (vol, ctx, vctx) = env.volume("sig", 64, &[]).await;
+    let staging = env.staging(&vol);
+    let mut n = env.node();
+    // Put a swap signature on the volume through its block device.
+    stage(&mut n, &vol, &ctx, &vctx, &staging, block_cap()).await.unwrap();
+    let dev = loops_under(&env.root).pop().unwrap();
+    run_ok("mkswap", &[dev.to_str().unwrap()]);
+    unstage(&mut n, &vol, &staging).await.unwrap();
+
+    let err = stage(&mut n, &vol, &ctx, &vctx, &staging, mount_cap("ext4")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("swap"), "the error names what is there: {}", err.message());
+    env.assert_clean();
+    // The signature is still there: nothing was formatted.
+    stage(&mut n, &vol, &ctx, &vctx, &staging, block_cap()).await.unwrap();
+    let dev = loops_under(&env.root).pop().unwrap();
+    let out = run_ok("blkid", &["-p", "-o", "export", dev.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("TYPE=swap"));
+    unstage(&mut n, &vol, &staging).await.unwrap();
+    env.assert_clean();
+}
+
+/// Whether this process holds CAP_SYS_RESOURCE (bit 24 of the effective set).
+fn has_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
+    u64::from_str_radix(eff, 16).unwrap() & (1 << 24) != 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_expansion_grows_the_mounted_filesystem() {
+    let env = Env::new(&[]).await;
+    for (fs, from, to) in [("ext4", 64, 128), ("xfs", 512, 768)] {
+        let (vol, ctx, vctx) = env.volume(&format!("grow-{fs}"), from, &[("fsType", fs)]).await;
+        let staging = env.staging(&vol);
+        let target = env.target("pod-a", &vol);
+        let mut n = env.node();
+        stage(&mut n, &vol, &ctx, &vctx, &staging, mount_cap(fs)).await.unwrap();
+        publish(&mut n, &vol, &staging, &target, mount_cap(fs), false).await.unwrap();
+        let data = pattern(3, 3 << 20);
+        write_synced(&target.join("before.bin"), &data);
+        let size_of = |p: &Path| {
+            let s = nix::sys::statvfs::statvfs(p).unwrap();
+            s.blocks() * s.fragment_size()
+        };
+        let before = size_of(&target);
+        let (_, mut c) = env.ctl.clients();
+        let r = c
+            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: vol.clone(),
+                capacity_range: Some(csi::CapacityRange { required_bytes: to * MIB, limit_bytes: 0 }),
+                volume_capability: Some(mount_cap(fs)),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.node_expansion_required);
+        let grown = n
+            .node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: vol.clone(),
+                volume_path: target.display().to_string(),
+                capacity_range: Some(csi::CapacityRange { required_bytes: to * MIB, limit_bytes: 0 }),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(mount_cap(fs)),
+                ..Default::default()
+            })
+            .await;
+        if fs == "ext4" && !has_cap_sys_resource() {
+            // ext4 grows online only with CAP_SYS_RESOURCE, which this sandbox withholds even from
+            // root (the node plugin's privileged pod has it). The error must say why.
+            let e = grown.unwrap_err();
+            assert!(e.message().contains("resize2fs") && e.message().contains("Permission denied"), "{e:?}");
+            unpublish(&mut n, &vol, &target).await.unwrap();
+            unstage(&mut n, &vol, &staging).await.unwrap();
+            continue;
+        }
+        let grown = grown.unwrap().into_inner();
+        assert_eq!(grown.capacity_bytes, to * MIB);
+        let after = size_of(&target);
+        assert!(after > before + ((to - from) as u64 * MIB as u64) / 2, "{fs}: df {before} -> {after}");
+        let df = run_ok("df", &["-B1", "--output=size", target.to_str().unwrap()]);
+        let df_size: u64 =
+            String::from_utf8_lossy(&df.stdout).lines().nth(1).unwrap().trim().parse().unwrap();
+        assert_eq!(df_size, after, "df agrees");
+        assert!(
+            std::fs::read(target.join("before.bin")).unwrap() == data,
+            "{fs}: the file written before is intact"
+        );
+        unpublish(&mut n, &vol, &target).await.unwrap();
+        unstage(&mut n, &vol, &staging).await.unwrap();
+    }
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_follow_usage_and_the_engine_s_health() {
+    let mut env = Env::new(&[]).await;
+    let (vol, ctx, vctx) = env.volume("stats", 128, &[("fsType", "ext4")]).await;
+    let staging = env.staging(&vol);
+    let target = env.target("pod-a", &vol);
+    let mut n = env.node();
+    stage(&mut n, &vol, &ctx, &vctx, &staging, mount_cap("ext4")).await.unwrap();
+    publish(&mut n, &vol, &staging, &target, mount_cap("ext4"), false).await.unwrap();
+    let used = |s: &csi::NodeGetVolumeStatsResponse| s.usage.iter().find(|u| u.unit == 1).unwrap().used;
+    let s1 = stats(&mut n, &vol, &target).await;
+    assert!(!s1.volume_condition.as_ref().unwrap().abnormal, "{s1:?}");
+    assert!(s1.usage.iter().any(|u| u.unit == 2 && u.total > 0), "inodes reported");
+    let data = pattern(9, 16 << 20);
+    write_synced(&target.join("f.bin"), &data);
+    let s2 = stats(&mut n, &vol, &target).await;
+    assert!(used(&s2) >= used(&s1) + (15 << 20), "used {} -> {}", used(&s1), used(&s2));
+
+    // The engine dies while no controller can restart it: the condition turns abnormal.
+    env.ctl.kill();
+    let ready = env.root.join("nodes/n1/run").join(format!("{vol}-engine.ready"));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&ready).unwrap()).unwrap();
+    let pid = nix::unistd::Pid::from_raw(v["pid"].as_i64().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s3 = stats(&mut n, &vol, &target).await;
+    let c3 = s3.volume_condition.unwrap();
+    assert!(c3.abnormal && c3.message.contains("engine"), "{c3:?}");
+
+    // The controller comes back and restarts the engine; the attach reconnects and the data is there.
+    env.ctl.restart();
+    env.ctl.wait_probe_ready().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats(&mut n, &vol, &target).await.volume_condition.unwrap().abnormal {
+        assert!(Instant::now() < deadline, "never normal again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Drop the page cache so the read goes through the attach.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert!(std::fs::read(target.join("f.bin")).unwrap() == data);
+    write_synced(&target.join("g.bin"), &data[..1 << 20]);
+    unpublish(&mut n, &vol, &target).await.unwrap();
+    unstage(&mut n, &vol, &staging).await.unwrap();
+    env.assert_clean();
+    let _ = &mut env;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_is_idempotent_and_a_killed_plugin_is_cleaned_up_by_the_next() {
+    let mut env = Env::new(&[]).await;
+    let (vol, ctx, vctx) = env.volume("idem", 64, &[("fsType", "ext4")]).await;
+    let staging = env.staging(&vol);
+    let target = env.target("pod-a", &vol);
+    let mut n = env.node();
+    for _ in 0..10 {
+        stage(&mut n, &vol, &ctx, &vctx, &staging, mount_cap("ext4")).await.unwrap();
+    }
+    for _ in 0..10 {
+        publish(&mut n, &vol, &staging, &target, mount_cap("ext4"), false).await.unwrap();
+    }
+    assert_eq!(mounts_under(&env.root.join("kubelet")).len(), 2, "one staging and one target mount");
+    let first = stats(&mut n, &vol, &target).await;
+    for _ in 0..9 {
+        let again = stats(&mut n, &vol, &target).await;
+        assert_eq!(again.usage.len(), first.usage.len());
+        assert_eq!(again.volume_condition, first.volume_condition);
+    }
+    let info = n.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.node_id, "n1");
+    let segs = info.accessible_topology.unwrap().segments;
+    assert_eq!(segs.get("topology.barnacle.dev/node").map(String::as_str), Some("n1"));
+    assert_eq!(segs.get("topology.kubernetes.io/zone").map(String::as_str), Some("z1"));
+    for _ in 0..10 {
+        unpublish(&mut n, &vol, &target).await.unwrap();
+    }
+    for _ in 0..10 {
+        unstage(&mut n, &vol, &staging).await.unwrap();
+    }
+    env.assert_clean();
+
+    // Staged and published, then the plugin is SIGKILLed: the next one cleans up.
+    stage(&mut n, &vol, &ctx, &vctx, &staging, mount_cap("ext4")).await.unwrap();
+    publish(&mut n, &vol, &staging, &target, mount_cap("ext4"), false).await.unwrap();
+    write_synced(&target.join("kept.txt"), b"kept");
+    env.restart_node(&[]);
+    let mut n = env.node();
+    assert_eq!(std::fs::read(target.join("kept.txt")).unwrap(), b"kept", "IO goes on without the plugin");
+    for _ in 0..2 {
+        unpublish(&mut n, &vol, &target).await.unwrap();
+        unstage(&mut n, &vol, &staging).await.unwrap();
+    }
+    env.assert_clean();
+
+    // Bad requests get the spec's codes.
+    let cases: Vec<(&str, Code, Result<(), tonic::Status>)> = vec![
+        (
+            "stage without volume id",
+            Code::InvalidArgument,
+            stage(&mut n, "", &ctx, &vctx, &staging, mount_cap("ext4")).await,
+        ),
+        (
+            "stage without publish context",
+            Code::InvalidArgument,
+            stage(&mut n, &vol, &Default::default(), &vctx, &staging, mount_cap("ext4")).await,
+        ),
+        (
+            "stage with a relative path",
+            Code::InvalidArgument,
+            stage(&mut n, &vol, &ctx, &vctx, Path::new("rel"), mount_cap("ext4")).await,
+        ),
+        (
+            "stage btrfs",
+            Code::InvalidArgument,
+            stage(&mut n, &vol, &ctx, &vctx, &staging, mount_cap("btrfs")).await,
+        ),
+        (
+            "publish unstaged",
+            Code::FailedPrecondition,
+            publish(&mut n, &vol, &staging, &target, mount_cap("ext4"), false).await,
+        ),
+        (
+            "publish without target",
+            Code::InvalidArgument,
+            publish(&mut n, &vol, &staging, Path::new(""), mount_cap("ext4"), false).await,
+        ),
+        ("unpublish without volume id", Code::InvalidArgument, unpublish(&mut n, "", &target).await),
+        ("unstage without path", Code::InvalidArgument, unstage(&mut n, &vol, Path::new("")).await),
+    ];
+    let mut failures = Vec::new();
+    for (name, want, got) in cases {
+        let code = got.err().map_or(Code::Ok, |s| s.code());
+        if code != want {
+            failures.push(format!("{name}: want {want:?}, got {code:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+    let missing = n
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: vol.clone(),
+            volume_path: target.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    env.assert_clean();
+}
