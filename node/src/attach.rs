@@ -1,6 +1,8 @@
 //! Attaching a volume's NBD export as a block device on this node.
 //!
-//! With the kernel nbd module the export would become `/dev/nbdN` (not built yet).
+//! With the kernel nbd module the export becomes `/dev/nbdN`: the node negotiates two connections
+//! and hands them to the kernel ([`crate::kernel_nbd`]), which keeps the volume's backend
+//! identifier.
 //! Without it (as on the development machine) the userspace fallback runs `barnacle-nbd-fuse`, a
 //! process that mounts a one-file FUSE filesystem over the export, and puts a loop device (4 KiB
 //! sectors, the export's block size) on that file.
@@ -17,13 +19,15 @@ use tracing::{info, warn};
 
 use crate::error::NodeError;
 use crate::fuse::DISK_FILE;
-use crate::sys;
+use crate::{kernel_nbd, nbd_client, sys};
 
 /// How volumes are attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Method {
     /// The kernel nbd module when loaded, else FUSE and a loop device.
     Auto,
+    /// The kernel nbd module (fails where it is not loaded).
+    Kernel,
     /// FUSE and a loop device.
     Fuse,
 }
@@ -42,26 +46,35 @@ pub struct Attacher {
     state_dir: PathBuf,
     helper: PathBuf,
     loop_direct_io: bool,
+    /// Attach through the kernel nbd module.
+    kernel: bool,
 }
+
+/// Kernel nbd: connections per device (the engine advertises multi-connection).
+const KERNEL_CONNECTIONS: usize = 2;
+/// Kernel nbd request timeout, above the engine's replica timeout (5 s), an authority CAS and an
+/// engine restart (DESIGN rule 12).
+const KERNEL_TIMEOUT_SECS: u64 = 60;
+/// Kernel nbd: how long queued IO waits for a connection to come back.
+const KERNEL_DEAD_CONN_SECS: u64 = 120;
 
 /// How long the FUSE helper keeps retrying a lost engine before IO fails.
 pub const RECONNECT_PATIENCE: Duration = Duration::from_secs(120);
 
 impl Attacher {
     pub fn new(state_dir: &Path, helper: PathBuf, method: Method, loop_direct_io: bool) -> Attacher {
-        let kernel = Path::new("/sys/module/nbd").exists();
-        match (method, kernel) {
-            (Method::Auto, true) => {
-                warn!(
-                    "the kernel nbd module is loaded but its attach is not built yet: using FUSE and a loop device"
-                );
-            }
-            _ => info!(
-                loop_direct_io,
-                "attaching volumes through FUSE and a loop device (no kernel nbd module)"
-            ),
+        let loaded = kernel_nbd::available();
+        let kernel = match method {
+            Method::Kernel => true,
+            Method::Fuse => false,
+            Method::Auto => loaded,
+        };
+        if kernel {
+            info!(loaded, "attaching volumes through the kernel nbd module (netlink)");
+        } else {
+            info!(loop_direct_io, loaded, "attaching volumes through FUSE and a loop device");
         }
-        Attacher { state_dir: state_dir.to_owned(), helper, loop_direct_io }
+        Attacher { state_dir: state_dir.to_owned(), helper, loop_direct_io, kernel }
     }
 
     pub fn fuse_dir(&self, volume_id: &str) -> PathBuf {
@@ -74,6 +87,9 @@ impl Attacher {
 
     /// The volume's device, if attached.
     pub fn find(&self, volume_id: &str) -> Option<Attached> {
+        if let Some((device, _)) = kernel_nbd::find(Path::new("/sys/block"), volume_id) {
+            return Some(Attached { device, socket: None });
+        }
         let disk = self.fuse_dir(volume_id).join(DISK_FILE);
         let device = sys::loop_devices().into_iter().find(|(_, b)| *b == disk).map(|(d, _)| d)?;
         Some(Attached { device, socket: self.helper_socket(volume_id) })
@@ -117,16 +133,67 @@ impl Attacher {
             .map(|w| PathBuf::from(String::from_utf8_lossy(w[1]).into_owned()))
     }
 
+    /// Attaches the export through the kernel: negotiates the connections, then hands them over.
+    async fn attach_kernel(
+        &self,
+        volume_id: &str,
+        socket: &Path,
+        export: &str,
+        generation: &str,
+    ) -> Result<PathBuf, NodeError> {
+        let backend = kernel_nbd::backend_id(volume_id, generation);
+        let mut fds = Vec::new();
+        let mut info = None;
+        for _ in 0..KERNEL_CONNECTIONS {
+            let mut s = tokio::net::UnixStream::connect(socket)
+                .await
+                .map_err(|e| NodeError::Unavailable(format!("connecting to {}: {e}", socket.display())))?;
+            let i = nbd_client::negotiate(&mut s, export, true)
+                .await
+                .map_err(|e| NodeError::Unavailable(format!("negotiating {export}: {e}")))?;
+            info = Some(i);
+            let s = s.into_std().map_err(|e| NodeError::Internal(e.to_string()))?;
+            s.set_nonblocking(false).map_err(|e| NodeError::Internal(e.to_string()))?;
+            fds.push(std::os::fd::OwnedFd::from(s));
+        }
+        let info = info.ok_or_else(|| NodeError::Internal("no connection".into()))?;
+        let c = kernel_nbd::Connect {
+            index: None,
+            size: info.size,
+            block_size: 4096,
+            timeout: KERNEL_TIMEOUT_SECS,
+            dead_conn_timeout: KERNEL_DEAD_CONN_SECS,
+            server_flags: u64::from(info.flags),
+            backend,
+            sockets: fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
+        };
+        // The kernel takes its own references to the sockets; ours close when `fds` drops.
+        let index = tokio::task::spawn_blocking(move || {
+            let r = kernel_nbd::connect(&c);
+            drop(fds);
+            r
+        })
+        .await
+        .map_err(|e| NodeError::Internal(e.to_string()))??;
+        let device = PathBuf::from(format!("/dev/nbd{index}"));
+        info!(volume_id, device = %device.display(), socket = %socket.display(), "attached through the kernel nbd module");
+        Ok(device)
+    }
+
     /// Attaches the export (idempotent: an attached volume returns its device).
     pub async fn attach(
         &self,
         volume_id: &str,
         socket: &Path,
         export: &str,
+        generation: &str,
         readonly: bool,
     ) -> Result<PathBuf, NodeError> {
         if let Some(a) = self.find(volume_id) {
             return Ok(a.device);
+        }
+        if self.kernel {
+            return self.attach_kernel(volume_id, socket, export, generation).await;
         }
         let mnt = self.fuse_dir(volume_id);
         let fuse_mounted = is_helper_mount(sys::mount_at(&mnt)?.as_ref(), volume_id);
@@ -227,6 +294,18 @@ impl Attacher {
 
     /// Detaches the volume: the loop device, the FUSE mount, the helper. Nothing attached is fine.
     pub async fn detach(&self, volume_id: &str) -> Result<(), NodeError> {
+        if let Some((device, _)) = kernel_nbd::find(Path::new("/sys/block"), volume_id) {
+            let index: u32 = device
+                .to_string_lossy()
+                .trim_start_matches("/dev/nbd")
+                .parse()
+                .map_err(|_| NodeError::Internal(format!("odd nbd device {}", device.display())))?;
+            tokio::task::spawn_blocking(move || kernel_nbd::disconnect(index))
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))??;
+            info!(volume_id, device = %device.display(), "nbd device disconnected");
+            return Ok(());
+        }
         if let Some(a) = self.find(volume_id) {
             let d = a.device.display().to_string();
             sys::run("losetup", &["-d", &d]).await?;
@@ -274,6 +353,27 @@ impl Attacher {
         let a = self
             .find(volume_id)
             .ok_or_else(|| NodeError::NotFound(format!("volume {volume_id} is not attached on this node")))?;
+        if let Some((device, _)) = kernel_nbd::find(Path::new("/sys/block"), volume_id) {
+            let index: u32 = device
+                .to_string_lossy()
+                .trim_start_matches("/dev/nbd")
+                .parse()
+                .map_err(|_| NodeError::Internal(format!("odd nbd device {}", device.display())))?;
+            let c = kernel_nbd::Connect {
+                index: Some(index),
+                size: want,
+                block_size: 4096,
+                timeout: KERNEL_TIMEOUT_SECS,
+                dead_conn_timeout: KERNEL_DEAD_CONN_SECS,
+                server_flags: 0,
+                backend: String::new(),
+                sockets: Vec::new(),
+            };
+            tokio::task::spawn_blocking(move || kernel_nbd::reconfigure(&c))
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))??;
+            return sys::device_size(&device);
+        }
         for p in self.helper_pids(volume_id) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGHUP);
         }

@@ -11,6 +11,7 @@ pub mod attach;
 pub mod csi;
 pub mod error;
 pub mod fuse;
+pub mod kernel_nbd;
 pub mod nbd_client;
 pub mod service;
 pub mod sys;

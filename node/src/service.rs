@@ -166,7 +166,8 @@ impl NodeService {
                 ))),
             };
         }
-        let device = self.attacher.attach(vol, &socket, &export, readonly).await?;
+        let generation = s.publish_context.get("generation").cloned().unwrap_or_else(|| "0".to_owned());
+        let device = self.attacher.attach(vol, &socket, &export, &generation, readonly).await?;
         if s.capability.block {
             info!(volume_id = vol, device = %device.display(), "staged (block)");
             return Ok(());

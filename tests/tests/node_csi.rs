@@ -552,6 +552,15 @@ async fn every_rpc_is_idempotent_and_a_killed_plugin_is_cleaned_up_by_the_next()
         publish(&mut n, &vol, &staging, &target, mount_cap("ext4"), false).await.unwrap();
     }
     assert_eq!(mounts_under(&env.root.join("kubelet")).len(), 2, "one staging and one target mount");
+    // SINGLE_NODE_SINGLE_WRITER: a second publication is refused.
+    let mut single = mount_cap("ext4");
+    single.access_mode = Some(csi::volume_capability::AccessMode {
+        mode: csi::volume_capability::access_mode::Mode::SingleNodeSingleWriter as i32,
+    });
+    let second = env.target("pod-b", &vol);
+    let e = publish(&mut n, &vol, &staging, &second, single, false).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(!second.exists() || mounts_under(&second).is_empty());
     let first = stats(&mut n, &vol, &target).await;
     for _ in 0..9 {
         let again = stats(&mut n, &vol, &target).await;
@@ -636,5 +645,20 @@ async fn every_rpc_is_idempotent_and_a_killed_plugin_is_cleaned_up_by_the_next()
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_attach_fails_clearly_where_the_nbd_module_is_missing() {
+    if Path::new("/sys/module/nbd").exists() {
+        return; // This test is about machines without the module, like the development one.
+    }
+    let env = Env::new(&["--attach", "kernel"]).await;
+    let (vol, ctx, vctx) = env.volume("kern", 16, &[]).await;
+    let staging = env.staging(&vol);
+    let mut n = env.node();
+    let e = stage(&mut n, &vol, &ctx, &vctx, &staging, block_cap()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert!(e.message().contains("nbd") && e.message().contains("netlink"), "{}", e.message());
     env.assert_clean();
 }
