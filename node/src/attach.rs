@@ -36,8 +36,13 @@ pub enum Method {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attached {
     pub device: PathBuf,
-    /// The engine's NBD socket, if known.
+    /// The engine's NBD socket the helper serves from (none: the kernel holds the sockets, or
+    /// the helper is gone).
     pub socket: Option<PathBuf>,
+    /// The export name the helper opened.
+    pub export: Option<String>,
+    /// For a kernel device: its backend identifier (`barnacle:<volume>:g<generation>`).
+    pub backend: Option<String>,
 }
 
 /// Attaches and finds volumes' block devices.
@@ -87,12 +92,20 @@ impl Attacher {
 
     /// The volume's device, if attached.
     pub fn find(&self, volume_id: &str) -> Option<Attached> {
-        if let Some((device, _)) = kernel_nbd::find(Path::new("/sys/block"), volume_id) {
-            return Some(Attached { device, socket: None });
+        if let Some((device, backend)) = kernel_nbd::find(Path::new("/sys/block"), volume_id) {
+            return Some(Attached { device, socket: None, export: None, backend: Some(backend) });
         }
         let disk = self.fuse_dir(volume_id).join(DISK_FILE);
         let device = sys::loop_devices().into_iter().find(|(_, b)| *b == disk).map(|(d, _)| d)?;
-        Some(Attached { device, socket: self.helper_socket(volume_id) })
+        let (socket, export) = self.helper_args(volume_id);
+        Some(Attached { device, socket, export, backend: None })
+    }
+
+    /// [`Attacher::find`] off the async threads (it reads `/proc`, which can stall on a process
+    /// stuck in IO).
+    pub async fn find_async(&self, volume_id: &str) -> Option<Attached> {
+        let (me, vol) = (self.clone(), volume_id.to_owned());
+        tokio::task::spawn_blocking(move || me.find(&vol)).await.ok().flatten()
     }
 
     /// Volumes attached on this node.
@@ -124,13 +137,15 @@ impl Attacher {
         out
     }
 
-    fn helper_socket(&self, volume_id: &str) -> Option<PathBuf> {
-        let pid = *self.helper_pids(volume_id).first()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    /// The socket and export of the volume's running helper.
+    fn helper_args(&self, volume_id: &str) -> (Option<PathBuf>, Option<String>) {
+        let Some(pid) = self.helper_pids(volume_id).first().copied() else { return (None, None) };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return (None, None) };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        args.windows(2)
-            .find(|w| w[0] == b"--socket")
-            .map(|w| PathBuf::from(String::from_utf8_lossy(w[1]).into_owned()))
+        let arg = |name: &[u8]| {
+            args.windows(2).find(|w| w[0] == name).map(|w| String::from_utf8_lossy(w[1]).into_owned())
+        };
+        (arg(b"--socket").map(PathBuf::from), arg(b"--export"))
     }
 
     /// Attaches the export through the kernel: negotiates the connections, then hands them over.
@@ -189,12 +204,39 @@ impl Attacher {
         generation: &str,
         readonly: bool,
     ) -> Result<PathBuf, NodeError> {
-        if let Some(a) = self.find(volume_id) {
-            return Ok(a.device);
+        if let Some(a) = self.find_async(volume_id).await {
+            let current = match &a.backend {
+                Some(b) => *b == kernel_nbd::backend_id(volume_id, generation),
+                None => a.socket.as_deref() == Some(socket),
+            };
+            if current {
+                return Ok(a.device);
+            }
+            // An attachment of another generation (its engine is gone: DESIGN rule 10), or one
+            // whose helper died: its device can never work again.
+            warn!(volume_id, device = %a.device.display(), "replacing a stale attachment");
+            self.detach(volume_id).await?;
         }
         if self.kernel {
             return self.attach_kernel(volume_id, socket, export, generation).await;
         }
+        match self.attach_fuse(volume_id, socket, export, readonly).await {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                // Leave nothing half-attached behind.
+                let _ = self.detach(volume_id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn attach_fuse(
+        &self,
+        volume_id: &str,
+        socket: &Path,
+        export: &str,
+        readonly: bool,
+    ) -> Result<PathBuf, NodeError> {
         let mnt = self.fuse_dir(volume_id);
         let fuse_mounted = is_helper_mount(sys::mount_at(&mnt)?.as_ref(), volume_id);
         if fuse_mounted && self.helper_pids(volume_id).is_empty() {
@@ -278,7 +320,7 @@ impl Attacher {
                 )));
             }
             if tokio::time::Instant::now() > deadline {
-                let _ = child.start_kill();
+                let _ = child.kill().await;
                 return Err(NodeError::Unavailable(format!(
                     "the NBD attach helper for {volume_id} did not mount in 30 s"
                 )));

@@ -28,6 +28,7 @@ pub fn status(e: NodeError) -> Status {
         NodeError::AlreadyExists(_) => Status::already_exists(msg),
         NodeError::FailedPrecondition(_) => Status::failed_precondition(msg),
         NodeError::Aborted(_) => Status::aborted(msg),
+        NodeError::OutOfRange(_) => Status::out_of_range(msg),
         NodeError::Unavailable(_) => Status::unavailable(msg),
         NodeError::Internal(_) => Status::internal(msg),
     }

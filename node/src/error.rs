@@ -14,6 +14,9 @@ pub enum NodeError {
     FailedPrecondition(String),
     #[error("{0}")]
     Aborted(String),
+    /// The size asked for is not there (yet).
+    #[error("{0}")]
+    OutOfRange(String),
     /// The engine cannot be reached (yet).
     #[error("{0}")]
     Unavailable(String),

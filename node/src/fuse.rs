@@ -36,8 +36,9 @@ const TTL: Duration = Duration::ZERO;
 pub struct DiskFs {
     client: Arc<Client>,
     rt: tokio::runtime::Handle,
-    /// Orders unaligned writes (read-modify-write) against each other.
-    rmw: Arc<tokio::sync::Mutex<()>>,
+    /// Aligned writes take it shared, unaligned ones (read-modify-write) exclusive, so no write
+    /// can land between an unaligned write's read and its write-back.
+    rmw: Arc<tokio::sync::RwLock<()>>,
     read_only: bool,
 }
 
@@ -213,9 +214,10 @@ impl Filesystem for DiskFs {
         self.rt.spawn(async move {
             let written = u32::try_from(data.len()).unwrap_or(u32::MAX);
             let r = if offset.is_multiple_of(BLOCK) && len.is_multiple_of(BLOCK) {
+                let _g = rmw.read().await;
                 client.write(offset, data, fua).await
             } else {
-                let _g = rmw.lock().await;
+                let _g = rmw.write().await;
                 let start = offset / BLOCK * BLOCK;
                 let end = (offset + len).div_ceil(BLOCK) * BLOCK;
                 match read_range(&client, start, end - start).await {
@@ -251,6 +253,58 @@ impl Filesystem for DiskFs {
             match client.flush().await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    /// Hole punching and zero ranges (what a loop device sends for discard and write-zeroes)
+    /// become NBD WRITE_ZEROES: the range reads as zeros afterwards and the engine may unmap it.
+    #[allow(clippy::too_many_arguments)]
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let zeroing = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
+        if !zeroing {
+            // Plain preallocation: the export is always fully sized.
+            reply.ok();
+            return;
+        }
+        if self.read_only {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        if !offset.is_multiple_of(BLOCK) || !length.is_multiple_of(BLOCK) {
+            reply.error(Errno::EOPNOTSUPP);
+            return;
+        }
+        if offset.saturating_add(length) > self.client.info().size {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let (client, rmw) = (self.client.clone(), self.rmw.clone());
+        self.rt.spawn(async move {
+            let _g = rmw.read().await;
+            let mut at = offset;
+            let end = offset + length;
+            let mut r = Ok(());
+            while at < end && r.is_ok() {
+                let n = (end - at).min(1 << 30);
+                r = client.write_zeroes(at, u32::try_from(n).unwrap_or(1 << 30)).await;
+                at += n;
+            }
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => {
+                    warn!(offset, length, error = %e, "zeroing failed");
+                    reply.error(errno(&e));
+                }
             }
         });
     }

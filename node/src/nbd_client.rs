@@ -371,4 +371,9 @@ impl Client {
     pub async fn trim(&self, offset: u64, len: u32) -> Result<(), NbdError> {
         self.request(CMD_TRIM, 0, offset, len, None).await.map(|_| ())
     }
+
+    /// Makes the range read as zeros (the server may unmap it).
+    pub async fn write_zeroes(&self, offset: u64, len: u32) -> Result<(), NbdError> {
+        self.request(CMD_WRITE_ZEROES, 0, offset, len, None).await.map(|_| ())
+    }
 }

@@ -152,12 +152,18 @@ impl NodeService {
         std::fs::create_dir_all(&s.staging_path)
             .map_err(|e| NodeError::Internal(format!("creating {}: {e}", s.staging_path.display())))?;
 
-        if !s.capability.block
-            && let Some(m) = sys::mount_at(&s.staging_path)?
-        {
-            // Staged already: the same volume is fine, anything else is not.
-            let ours = self.attacher.find(vol).map(|a| a.device);
+        if let Some(m) = sys::mount_at(&s.staging_path)? {
+            // Staged already: the same volume the same way is fine, anything else is not.
+            let ours = self.attacher.find_async(vol).await.map(|a| a.device);
+            let want_fs = s.capability.fs_type.clone().or_else(|| s.volume_context.get("fsType").cloned());
             return match ours {
+                Some(_) if s.capability.block => Err(NodeError::AlreadyExists(format!(
+                    "volume {vol} is staged at {} as a filesystem, not as a block volume",
+                    s.staging_path.display()
+                ))),
+                Some(_) if want_fs.as_ref().is_some_and(|f| *f != m.fstype) => Err(NodeError::AlreadyExists(
+                    format!("volume {vol} is staged with {}, not {}", m.fstype, want_fs.unwrap_or_default()),
+                )),
                 Some(dev) if m.source == dev.display().to_string() => Ok(()),
                 _ => Err(NodeError::AlreadyExists(format!(
                     "{} already holds a mount of {}",
@@ -234,33 +240,16 @@ impl NodeService {
         Ok(())
     }
 
-    /// Where the volume is published besides `except` (mounts of its device or staging mount).
-    fn publications(
-        &self,
-        volume_id: &str,
-        staging: &Path,
-        except: &Path,
-    ) -> Result<Vec<PathBuf>, NodeError> {
-        let mounts = sys::mountinfo()?;
-        let device = self.attacher.find(volume_id).map(|a| a.device.display().to_string());
-        let staged_dev = mounts.iter().rev().find(|m| m.mount_point == staging).map(|m| m.dev.clone());
-        Ok(mounts
-            .iter()
-            .filter(|m| m.mount_point != staging && m.mount_point != except)
-            .filter(|m| {
-                staged_dev.as_ref().is_some_and(|d| *d == m.dev)
-                    || device.as_ref().is_some_and(|d| m.source == *d)
-            })
-            .map(|m| m.mount_point.clone())
-            .collect())
-    }
-
     /// NodePublishVolume: idempotent.
     pub async fn publish(&self, p: Publish) -> Result<(), NodeError> {
         let _g = self.guard(&p.volume_id)?;
         let vol = p.volume_id.as_str();
         if p.capability.single_writer {
-            let others = self.publications(vol, &p.staging_path, &p.target_path)?;
+            let (me, vol2, st, tp) =
+                (self.attacher.clone(), vol.to_owned(), p.staging_path.clone(), p.target_path.clone());
+            let others = tokio::task::spawn_blocking(move || publications(&me, &vol2, &st, &tp))
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))??;
             if !others.is_empty() {
                 return Err(NodeError::FailedPrecondition(format!(
                     "volume {vol} is single-writer and already published at {}",
@@ -269,7 +258,7 @@ impl NodeService {
             }
         }
         if p.capability.block {
-            let a = self.attacher.find(vol).ok_or_else(|| {
+            let a = self.attacher.find_async(vol).await.ok_or_else(|| {
                 NodeError::FailedPrecondition(format!("volume {vol} is not staged on this node"))
             })?;
             if sys::mount_at(&p.target_path)?.is_some() {
@@ -315,17 +304,31 @@ impl NodeService {
 
     /// NodeGetVolumeStats: usage of `path`, and whether the volume's data path works.
     pub async fn stats(&self, volume_id: &str, path: &Path) -> Result<(Usage, Option<String>), NodeError> {
-        let meta = std::fs::metadata(path)
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let p = path.to_owned();
+        let meta = tokio::task::spawn_blocking(move || std::fs::metadata(&p))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?
             .map_err(|e| NodeError::NotFound(format!("volume path {}: {e}", path.display())))?;
-        let attached = self.attacher.find(volume_id);
-        let usage = if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
-            let dev = attached.as_ref().map(|a| a.device.clone()).ok_or_else(|| {
+        let attached =
+            self.attacher.find_async(volume_id).await.ok_or_else(|| {
                 NodeError::NotFound(format!("volume {volume_id} is not attached on this node"))
             })?;
-            Usage::Block { bytes_total: sys::device_size(&dev)? }
+        let dev_meta = std::fs::metadata(&attached.device)
+            .map_err(|e| NodeError::Internal(format!("{}: {e}", attached.device.display())))?;
+        let (major, minor) = (nix::sys::stat::major(dev_meta.rdev()), nix::sys::stat::minor(dev_meta.rdev()));
+        let usage = if meta.file_type().is_block_device() {
+            if meta.rdev() != dev_meta.rdev() {
+                return Err(NodeError::NotFound(format!("{} is not volume {volume_id}", path.display())));
+            }
+            Usage::Block { bytes_total: sys::device_size(&attached.device)? }
         } else {
-            if sys::mount_at(path)?.is_none() {
-                return Err(NodeError::NotFound(format!("{} is not a mounted volume", path.display())));
+            let mounted = sys::mount_at(path)?;
+            if mounted.as_ref().is_none_or(|m| m.dev != format!("{major}:{minor}")) {
+                return Err(NodeError::NotFound(format!(
+                    "{} is not a mount of volume {volume_id}",
+                    path.display()
+                )));
             }
             let p = path.to_owned();
             let st = tokio::task::spawn_blocking(move || nix::sys::statvfs::statvfs(&p))
@@ -341,15 +344,18 @@ impl NodeService {
                 inodes_free: st.files_free(),
             }
         };
-        let problem = match attached {
-            None => Some(format!("volume {volume_id} is not attached on this node")),
-            Some(a) => match a.socket {
-                None => Some("the NBD attach helper is not running".to_owned()),
-                Some(socket) => nbd_client::probe(&socket, volume_id, Duration::from_secs(2))
+        let problem = if attached.backend.is_some() {
+            // A kernel device that lost its connections reports no size.
+            (sys::device_size(&attached.device).unwrap_or(0) == 0)
+                .then(|| format!("{} has no connection to the volume's engine", attached.device.display()))
+        } else {
+            match (attached.socket, attached.export) {
+                (Some(socket), Some(export)) => nbd_client::probe(&socket, &export, Duration::from_secs(2))
                     .await
                     .err()
                     .map(|e| format!("the volume's engine does not answer: {e}")),
-            },
+                _ => Some("the NBD attach helper is not running".to_owned()),
+            }
         };
         Ok((usage, problem))
     }
@@ -359,15 +365,20 @@ impl NodeService {
         let _g = self.guard(volume_id)?;
         let size = self.attacher.refresh_size(volume_id, required).await?;
         if size < required {
-            return Err(NodeError::FailedPrecondition(format!(
+            return Err(NodeError::OutOfRange(format!(
                 "volume {volume_id} is {size} bytes on this node, not {required}: expand it through the controller first"
             )));
         }
         let device =
-            self.attacher.find(volume_id).map(|a| a.device).ok_or_else(|| {
+            self.attacher.find_async(volume_id).await.map(|a| a.device).ok_or_else(|| {
                 NodeError::NotFound(format!("volume {volume_id} is not attached on this node"))
             })?;
-        if let Some(m) = sys::mount_at(path)? {
+        let is_block = std::os::unix::fs::FileTypeExt::is_block_device(
+            &std::fs::metadata(path)
+                .map_err(|e| NodeError::NotFound(format!("volume path {}: {e}", path.display())))?
+                .file_type(),
+        );
+        if !is_block && let Some(m) = sys::mount_at(path)? {
             match m.fstype.as_str() {
                 "ext4" => {
                     sys::run("resize2fs", &[&device.display().to_string()]).await?;
@@ -383,6 +394,31 @@ impl NodeService {
         }
         Ok(size)
     }
+}
+
+/// Where the volume is published besides `except` (mounts of its device or staging mount).
+fn publications(
+    attacher: &Attacher,
+    volume_id: &str,
+    staging: &Path,
+    except: &Path,
+) -> Result<Vec<PathBuf>, NodeError> {
+    let mounts = sys::mountinfo()?;
+    let device = attacher.find(volume_id).map(|a| a.device);
+    let dev_name = device.as_ref().and_then(|d| d.file_name()).map(|n| format!("/{}", n.to_string_lossy()));
+    let device = device.map(|d| d.display().to_string());
+    let staged_dev = mounts.iter().rev().find(|m| m.mount_point == staging).map(|m| m.dev.clone());
+    Ok(mounts
+        .iter()
+        .filter(|m| m.mount_point != staging && m.mount_point != except)
+        .filter(|m| {
+            staged_dev.as_ref().is_some_and(|d| *d == m.dev)
+                    || device.as_ref().is_some_and(|d| m.source == *d)
+                    // A bind of the device node: devtmpfs, rooted at the device's name.
+                    || (m.fstype == "devtmpfs" && dev_name.as_ref().is_some_and(|n| m.root == *n))
+        })
+        .map(|m| m.mount_point.clone())
+        .collect())
 }
 
 #[cfg(test)]

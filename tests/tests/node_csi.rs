@@ -349,8 +349,60 @@ async fn block_round_trip(loop_direct_io: bool) {
     assert!(std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()), "target is the device node");
     let mut written = block_io(&target, true, 1);
     written.extend(block_io(&target, false, 100));
+    // Discard reaches the engine: the range reads as zeros (here and through qemu-img below).
+    run_ok("blkdiscard", &["-o", "8192", "-l", "65536", target.to_str().unwrap()]);
+    for (off, data) in &mut written {
+        if *off == 8192 {
+            data.iter_mut().for_each(|b| *b = 0);
+        }
+    }
+    let mut f = std::fs::File::open(&target).unwrap();
+    let mut got = vec![1u8; 65536];
+    f.seek(SeekFrom::Start(8192)).unwrap();
+    f.read_exact(&mut got).unwrap();
+    assert!(got.iter().all(|b| *b == 0), "discarded range reads as zeros");
+    drop(f);
+    // An unaligned write to the helper's file takes the read-modify-write path.
+    let disk = env.node.state_dir.join("fuse").join(&vol).join("disk");
+    {
+        use std::os::unix::fs::FileExt;
+        let fuse_file = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+        let odd = pattern(55, 5000);
+        fuse_file.write_all_at(&odd, (20 << 20) + 1000).unwrap();
+        fuse_file.sync_all().unwrap();
+        let mut back = vec![0u8; 7000];
+        fuse_file.read_exact_at(&mut back, 20 << 20).unwrap();
+        assert!(
+            back[..1000].iter().all(|b| *b == 0)
+                && back[1000..6000] == odd[..]
+                && back[6000..].iter().all(|b| *b == 0)
+        );
+    }
     let st = stats(&mut n, &vol, &target).await;
     assert_eq!(st.usage[0].total, 64 * MIB);
+    // Online expansion of a block volume: the device grows, nothing else to do.
+    let (_, mut c) = env.ctl.clients();
+    c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+        volume_id: vol.clone(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 96 * MIB, limit_bytes: 0 }),
+        volume_capability: Some(block_cap()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let grown = n
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: vol.clone(),
+            volume_path: target.display().to_string(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: 96 * MIB, limit_bytes: 0 }),
+            volume_capability: Some(block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 96 * MIB);
+    assert_eq!(stats(&mut n, &vol, &target).await.usage[0].total, 96 * MIB);
     unpublish(&mut n, &vol, &target).await.unwrap();
     unstage(&mut n, &vol, &staging).await.unwrap();
     env.assert_clean();
@@ -636,6 +688,16 @@ async fn every_rpc_is_idempotent_and_a_killed_plugin_is_cleaned_up_by_the_next()
         }
     }
     assert!(failures.is_empty(), "{failures:?}");
+    // Stats of a path that is not the volume's.
+    let other = n
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "vol-0000000000000000".into(),
+            volume_path: staging.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::NotFound);
     let missing = n
         .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
             volume_id: vol.clone(),
