@@ -9,6 +9,7 @@
 //! - [`placement`] and [`params`]: where replicas go and what a StorageClass may say;
 //! - [`rpc`]: clients of the replicas' and engines' management APIs.
 
+pub mod admin;
 pub mod csi;
 pub mod error;
 pub mod local;
@@ -46,10 +47,12 @@ pub async fn run<O: Orchestrator>(
     };
     let identity = csi::Identity { service: service.clone() };
     let controller = csi::Controller { service: service.clone() };
+    let admin = admin::Admin { service: service.clone() };
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let res = tonic::transport::Server::builder()
         .add_service(csi_proto::v1::identity_server::IdentityServer::new(identity))
         .add_service(csi_proto::v1::controller_server::ControllerServer::new(controller))
+        .add_service(admin::pb::admin_server::AdminServer::new(admin))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await;
     recovering.abort();

@@ -405,6 +405,26 @@ impl Orchestrator for LocalOrchestrator {
         }
     }
 
+    fn kill_replica(&self, volume_id: &str, replica: &ReplicaPlacement) -> Result<u32> {
+        let spec = self.replica_spec(volume_id, replica, None)?;
+        let needle = spec.ready_file.display().to_string();
+        let (pid, _) = crate::supervise::read_ready(&spec.ready_file)
+            .filter(|(pid, _)| crate::supervise::process_matches(*pid, &needle))
+            .ok_or_else(|| {
+                ControllerError::FailedPrecondition(format!(
+                    "replica {} of {volume_id} is not running",
+                    replica.id
+                ))
+            })?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid.cast_signed()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(|e| orch(volume_id, format!("killing replica {}: {e}", replica.id)))?;
+        tracing::warn!(volume_id, replica = %replica.id, pid, "replica killed on request");
+        Ok(pid)
+    }
+
     fn clone_target_name(&self, volume_id: &str, replica: &ReplicaPlacement) -> String {
         format!("{volume_id}-{}", replica.id)
     }

@@ -62,6 +62,10 @@ pub trait Orchestrator: Send + Sync + 'static {
     /// can be stopped); starts nothing.
     fn adopt_replica(&self, volume: &VolumeRecord, replica: &ReplicaPlacement);
 
+    /// SIGKILLs the replica's process (a fault for demos); returns its pid. Its supervisor restarts
+    /// it and the engine rebuilds it.
+    fn kill_replica(&self, volume_id: &str, replica: &ReplicaPlacement) -> Result<u32>;
+
     /// The name a clone on the same node gives the new replica's store (the replica protocol's
     /// CloneSnapshot `target_name`).
     fn clone_target_name(&self, volume_id: &str, replica: &ReplicaPlacement) -> String;

@@ -136,10 +136,30 @@ pub struct Publish {
 }
 
 /// The state of a volume's data, for ControllerGetVolume's volume condition.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Condition {
     pub abnormal: bool,
     pub message: String,
+}
+
+/// What ListVolumes of the admin API shows beyond the record.
+#[derive(Debug, Clone, Default)]
+pub struct Details {
+    /// Replica id → (state, ejection epoch).
+    pub replicas: HashMap<String, (String, u64)>,
+    pub epoch: u64,
+    pub condition: Condition,
+    pub rebuild: Option<RebuildDetails>,
+}
+
+/// A rebuild in progress.
+#[derive(Debug, Clone, Default)]
+pub struct RebuildDetails {
+    pub replica: String,
+    pub kind: String,
+    pub phase: String,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
 }
 
 /// The controller.
@@ -392,6 +412,7 @@ impl<O: Orchestrator> Service<O> {
             generation: 0,
             state: VolumeState::Creating,
             created_unix: now_unix(),
+            annotations: BTreeMap::new(),
         };
         self.put_volume(&v).await?;
         drop(placing);
@@ -1063,6 +1084,107 @@ impl<O: Orchestrator> Service<O> {
         self.put_volume(&v).await?;
         info!(volume_id = %v.id, size, "volume expanded");
         Ok(size)
+    }
+
+    // ---- administration ----
+
+    /// A live volume by id or name.
+    pub async fn find_volume(&self, key: &str) -> Result<VolumeRecord> {
+        if let Some(v) = self.volume(key).await?.filter(|v| v.state != VolumeState::Deleted) {
+            return Ok(v);
+        }
+        let name = key.to_owned();
+        self.db(move |s| s.volume_by_name(&name))
+            .await?
+            .ok_or_else(|| ControllerError::NotFound(format!("no volume is named or numbered {key:?}")))
+    }
+
+    /// Replica states, epoch, condition and rebuild of a volume.
+    pub async fn details(&self, v: &VolumeRecord) -> Details {
+        let mut d = Details { condition: self.condition(v).await, ..Details::default() };
+        if v.attachment.is_some()
+            && let Ok(st) = self.engine_status(v).await
+        {
+            d.epoch = st.epoch;
+            for r in st.replicas {
+                d.replicas.insert(r.id, (r.state, r.ejected_at_epoch));
+            }
+            d.rebuild = st.rebuild.map(|r| RebuildDetails {
+                replica: r.replica,
+                kind: r.kind,
+                phase: r.phase,
+                done_bytes: r.done_bytes,
+                total_bytes: r.total_bytes,
+            });
+            return d;
+        }
+        if let Ok(Some(m)) = self.membership(&v.id).await {
+            d.epoch = m.membership.epoch;
+            for r in m.membership.replicas {
+                let state = match r.state {
+                    ReplicaState::Healthy => ("healthy".to_owned(), 0),
+                    ReplicaState::Ejected { epoch } => ("ejected".to_owned(), epoch),
+                };
+                d.replicas.insert(r.id, state);
+            }
+        }
+        d
+    }
+
+    /// Sets (or, with an empty value, removes) an annotation.
+    pub async fn annotate(&self, key: &str, name: &str, value: &str) -> Result<VolumeRecord> {
+        self.ready()?;
+        let mut v = self.find_volume(key).await?;
+        let _g = self.guards.lock(&[vkey(&v.id)])?;
+        v = self.live_volume(&v.id).await?;
+        if value.is_empty() {
+            v.annotations.remove(name);
+        } else {
+            v.annotations.insert(name.to_owned(), value.to_owned());
+        }
+        self.put_volume(&v).await?;
+        Ok(v)
+    }
+
+    /// SIGKILLs one replica's process (a demo fault).
+    pub async fn kill_replica(&self, key: &str, replica: &str) -> Result<u32> {
+        let v = self.find_volume(key).await?;
+        let r = v.replicas.iter().find(|r| r.id == replica).ok_or_else(|| {
+            ControllerError::NotFound(format!("volume {} has no replica {replica}", v.name))
+        })?;
+        self.orch.kill_replica(&v.id, r)
+    }
+
+    /// Every snapshot with its volume's name (empty when the volume was deleted).
+    pub async fn snapshots_named(&self) -> Result<Vec<(SnapshotRecord, String)>> {
+        let vols = self.db(|s| s.volumes()).await?;
+        let snaps = self.db(|s| s.snapshots()).await?;
+        Ok(snaps
+            .into_iter()
+            .map(|s| {
+                let name = vols
+                    .iter()
+                    .find(|v| v.id == s.volume_id && v.state != VolumeState::Deleted)
+                    .map(|v| v.name.clone())
+                    .unwrap_or_default();
+                (s, name)
+            })
+            .collect())
+    }
+
+    /// Each node with the bytes provisioned on it and its replica count.
+    pub async fn nodes_usage(&self) -> Result<Vec<(NodeInfo, u64, u32)>> {
+        let all = self.db(|s| s.volumes()).await?;
+        let used = crate::store::provisioned_by_node(&all);
+        Ok(self
+            .nodes()
+            .into_iter()
+            .map(|n| {
+                let (t, k) = used.get(&n.name).copied().unwrap_or((0, 0));
+                let count = all.iter().flat_map(|v| &v.replicas).filter(|r| r.node == n.name).count();
+                (n, t + k, u32::try_from(count).unwrap_or(u32::MAX))
+            })
+            .collect())
     }
 
     /// Stops watching processes (and stops them if configured to).

@@ -68,6 +68,9 @@ pub struct VolumeRecord {
     pub generation: u64,
     pub state: VolumeState,
     pub created_unix: u64,
+    /// Notes of the CLI or an operator (for example where the CLI mounted the volume).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// A snapshot of a volume, held by the volume's replicas under the snapshot's id.
@@ -282,6 +285,7 @@ mod tests {
             generation: 0,
             state: VolumeState::Ready,
             created_unix: 1,
+            annotations: BTreeMap::new(),
         }
     }
 
