@@ -125,6 +125,10 @@ pub async fn up(data: &Path, nodes: usize) -> Result<(), CliError> {
                 .map_err(|e| io("creating node directories", e))?;
         }
     }
+    // Ready files of an earlier run mean nothing now.
+    for n in &names {
+        let _ = std::fs::remove_file(ctx.node_dir(n).join("plugin.ready"));
+    }
     let ready = data.join("controller.ready");
     let _ = std::fs::remove_file(&ready);
     let mut args = vec![
