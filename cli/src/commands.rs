@@ -125,6 +125,7 @@ fn volume_json(v: &admin::VolumeInfo) -> serde_json::Value {
         "condition": v.condition,
         "replicas": v.replicas.iter().map(|r| json!({"id": r.id, "node": r.node, "state": r.state, "ejected_at_epoch": r.ejected_at_epoch})).collect::<Vec<_>>(),
         "rebuild": v.rebuild.as_ref().map(|r| json!({"replica": r.replica, "kind": r.kind, "phase": r.phase, "done_bytes": r.done_bytes, "total_bytes": r.total_bytes})),
+        "clone": v.clone.as_ref().map(|c| json!({"done_bytes": c.done_bytes, "total_bytes": c.total_bytes})),
     })
 }
 
@@ -545,6 +546,21 @@ async fn status_once(ctx: &Ctx) -> Result<Out, CliError> {
     let mut out = Out::value(json!(vols.iter().map(volume_json).collect::<Vec<_>>()));
     out.headers = vec!["VOLUME", "REPLICA", "NODE", "STATE", "EPOCH", "REBUILD"];
     for v in &vols {
+        if v.state == "creating" {
+            let progress = match &v.clone {
+                Some(c) => format!("clone {}", bar(c.done_bytes, c.total_bytes)),
+                None => "creating".into(),
+            };
+            out.rows.push(vec![
+                v.name.clone(),
+                "-".into(),
+                "-".into(),
+                "creating".into(),
+                "-".into(),
+                progress,
+            ]);
+            continue;
+        }
         for r in &v.replicas {
             let rebuild = match &v.rebuild {
                 Some(rb) if rb.replica == r.id => {

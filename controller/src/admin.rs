@@ -67,6 +67,10 @@ impl<O: Orchestrator> Admin<O> {
                 total_bytes: r.total_bytes,
             }),
             created_unix: v.created_unix,
+            clone: self
+                .service
+                .clone_progress(&v.id)
+                .map(|(done_bytes, total_bytes)| pb::CloneProgress { done_bytes, total_bytes }),
         }
     }
 }
@@ -77,7 +81,7 @@ impl<O: Orchestrator> pb::admin_server::Admin for Admin<O> {
         &self,
         _: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let (vols, _) = self.service.list_volumes("", 0).await.map_err(status)?;
+        let vols = self.service.volumes_in_use().await.map_err(status)?;
         let mut volumes = Vec::with_capacity(vols.len());
         for v in &vols {
             volumes.push(self.info(v).await);

@@ -174,6 +174,8 @@ pub struct Service<O: Orchestrator> {
     /// Held from reading what nodes hold to recording a new placement or size, so two
     /// operations cannot both take the same room.
     placing: tokio::sync::Mutex<()>,
+    /// Clones in progress: volume id → (bytes done, bytes in all).
+    cloning: Mutex<HashMap<String, (u64, u64)>>,
 }
 
 impl<O: Orchestrator> std::fmt::Debug for Service<O> {
@@ -192,6 +194,7 @@ impl<O: Orchestrator> Service<O> {
             fencer: Uuid::new_v4(),
             recovered: std::sync::atomic::AtomicBool::new(false),
             placing: tokio::sync::Mutex::new(()),
+            cloning: Mutex::new(HashMap::new()),
         }
     }
 
@@ -451,6 +454,7 @@ impl<O: Orchestrator> Service<O> {
         }
         self.orch.create_token(&v.id).await?;
         let result = self.make_replicas(&v).await;
+        self.cloning.lock().remove(&v.id);
         let (healthy, empty) = match result {
             Ok(x) => x,
             Err(e) => {
@@ -571,7 +575,11 @@ impl<O: Orchestrator> Service<O> {
                 .map_err(|s| rpc::call_err(&src.id, "clone", &s))?
                 .into_inner();
             let mut finished = None;
+            let base = self.cloning.lock().get(&v.id).map_or((0, 0), |p| *p);
             while let Some(p) = stream.message().await.map_err(|s| rpc::call_err(&src.id, "clone", &s))? {
+                self.cloning
+                    .lock()
+                    .insert(v.id.clone(), (base.0 + p.done_bytes, base.1.max(base.0 + p.total_bytes)));
                 info!(volume_id = %v.id, replica = %r.id, source = %src.id, snapshot, done = p.done_bytes,
                       total = p.total_bytes, "clone progress");
                 if p.finished {
@@ -1087,6 +1095,16 @@ impl<O: Orchestrator> Service<O> {
     }
 
     // ---- administration ----
+
+    /// How far the clone making volume `id` has come, if one is under way.
+    pub fn clone_progress(&self, id: &str) -> Option<(u64, u64)> {
+        self.cloning.lock().get(id).copied()
+    }
+
+    /// Volumes ready or being created, by id.
+    pub async fn volumes_in_use(&self) -> Result<Vec<VolumeRecord>> {
+        Ok(self.db(|s| s.volumes()).await?.into_iter().filter(|v| v.state != VolumeState::Deleted).collect())
+    }
 
     /// A live volume by id or name.
     pub async fn find_volume(&self, key: &str) -> Result<VolumeRecord> {

@@ -275,6 +275,14 @@ fn every_command_has_help_and_bad_input_fails_helpfully() {
     err(&["volume", "create", "x", "--size", "1GiB", "--fs", "btrfs"], "invalid value");
     err(&["snapshot", "delete", "nope"], "no snapshot");
     json(&data, &["volume", "create", "v", "--size", "32MiB", "--replicas", "1"]);
+    let yaml = bn(&data, &["-o", "yaml", "volume", "list"]);
+    let yaml = String::from_utf8_lossy(&yaml.stdout);
+    assert!(
+        yaml.contains("- abnormal:") && yaml.contains("name: v") && yaml.contains("size: 32 MiB"),
+        "{yaml}"
+    );
+    let table = String::from_utf8_lossy(&bn(&data, &["volume", "list"]).stdout).into_owned();
+    assert!(table.starts_with("NAME") && table.contains("32 MiB"), "{table}");
     let used = tmp.path().join("used");
     std::fs::create_dir_all(&used).unwrap();
     std::fs::write(used.join("something"), b"x").unwrap();
