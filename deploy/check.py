@@ -53,9 +53,19 @@ def run(cmd):
 def strict(schema):
     """Forbid unknown fields wherever a schema lists its properties (like kubectl --validate=strict)."""
     s = copy.deepcopy(schema)
+    # The API server adds these to every custom resource's schema.
+    props = s.setdefault("properties", {})
+    props.setdefault("apiVersion", {"type": "string"})
+    props.setdefault("kind", {"type": "string"})
+    props.setdefault("metadata", {"type": "object", "x-kubernetes-preserve-unknown-fields": True})
 
     def walk(node):
         if isinstance(node, dict):
+            # OpenAPI's `nullable` (which the API server honours) in JSON Schema terms.
+            if node.get("nullable") and isinstance(node.get("type"), str):
+                node["type"] = [node["type"], "null"]
+                if "enum" in node:
+                    node["enum"] = [*node["enum"], None]
             if node.get("type") == "object" and "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
                 node.setdefault("additionalProperties", False)
             for v in node.values():
@@ -94,6 +104,9 @@ def check_docs(source, docs, crds):
         api, kind = doc.get("apiVersion", ""), doc.get("kind", "")
         group, _, version = api.rpartition("/")
         name = f"{source}: {kind} {doc.get('metadata', {}).get('name')}"
+        if group in ("barnacle.dev", "snapshot.storage.k8s.io") and (group, version, kind) not in crds:
+            fail(f"{name}: no CRD schema for {api} {kind}")
+            continue
         if (group, version, kind) in crds:
             try:
                 jsonschema.validate(doc, crds[(group, version, kind)])
@@ -119,7 +132,7 @@ def main():
         run([helm, "lint", "--strict", CHART, *extra])
         rendered = run([helm, "template", "barnacle", CHART, "--namespace", "barnacle", *extra])
         check_docs("helm template " + " ".join(extra), list(yaml.safe_load_all(rendered)), crds)
-    for f in sorted(glob.glob(os.path.join(ROOT, "examples", "*.yaml"))):
+    for f in sorted(glob.glob(os.path.join(ROOT, "examples", "*.yaml")) + glob.glob(os.path.join(ROOT, "deploy", "samples", "*.yaml"))):
         check_docs(os.path.relpath(f, ROOT), list(yaml.safe_load_all(open(f))), crds)
     run([os.path.join(tools, "hadolint"), os.path.join(ROOT, "Dockerfile")])
     print(f"checked against Kubernetes {', '.join(VERSIONS)}; {len(crds)} custom resource schemas")

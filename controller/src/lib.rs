@@ -10,6 +10,7 @@
 //! - [`rpc`]: clients of the replicas' and engines' management APIs.
 
 pub mod admin;
+pub mod crd;
 pub mod csi;
 pub mod error;
 pub mod local;

@@ -15,7 +15,7 @@ pub const PV_NAME: &str = "csi.storage.k8s.io/pv/name";
 pub const MAX_REPLICAS: usize = 5;
 
 /// Filesystems the node plugin makes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FsType {
     Ext4,
@@ -42,7 +42,7 @@ impl FsType {
 }
 
 /// A volume's parameters, from its StorageClass.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VolumeParams {
     /// Replicas wanted (capped by the nodes available when the volume is placed).
     pub replicas: usize,

@@ -12,7 +12,7 @@ use crate::error::{ControllerError, Result};
 use crate::params::VolumeParams;
 
 /// Where one replica of a volume lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ReplicaPlacement {
     /// Unique within the volume (`r0`, `r1`, …); the membership record uses the same id.
     pub id: String,
@@ -20,15 +20,29 @@ pub struct ReplicaPlacement {
 }
 
 /// What a volume was made from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", content = "id", rename_all = "snake_case")]
 pub enum VolumeSource {
     Snapshot(String),
     Volume(String),
 }
 
+/// The schema of an optional [`VolumeSource`] as one object (`{kind, id}`): a Kubernetes
+/// structural schema cannot express the enum's alternatives.
+fn source_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "nullable": true,
+        "required": ["kind", "id"],
+        "properties": {
+            "kind": {"type": "string", "enum": ["snapshot", "volume"]},
+            "id": {"type": "string"}
+        }
+    })
+}
+
 /// A publication of the volume on a node: its engine runs there.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Attachment {
     pub node: String,
     /// Issued anew by every publish (DESIGN rule 10): a node's device reconnects only to an
@@ -42,7 +56,7 @@ pub struct Attachment {
 }
 
 /// A volume's life cycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VolumeState {
     /// Being created: a repeated CreateVolume finishes it.
@@ -54,7 +68,7 @@ pub enum VolumeState {
 }
 
 /// A volume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VolumeRecord {
     pub id: String,
     /// The CSI name (the PV name in Kubernetes); unique among live volumes.
@@ -62,6 +76,7 @@ pub struct VolumeRecord {
     pub size: u64,
     pub params: VolumeParams,
     pub replicas: Vec<ReplicaPlacement>,
+    #[schemars(schema_with = "source_schema")]
     pub source: Option<VolumeSource>,
     pub attachment: Option<Attachment>,
     /// The last attachment generation issued.
@@ -74,7 +89,7 @@ pub struct VolumeRecord {
 }
 
 /// A snapshot of a volume, held by the volume's replicas under the snapshot's id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SnapshotRecord {
     pub id: String,
     pub name: String,
