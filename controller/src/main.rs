@@ -8,8 +8,8 @@ use anyhow::Context;
 use barnacle_controller::local::{LocalConfig, LocalNode, LocalOrchestrator};
 use barnacle_controller::service::{Service, ServiceConfig};
 use barnacle_controller::store::RocksStore;
+use barnacle_replica::process;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// Serve Barnacle's CSI controller.
@@ -51,11 +51,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let socket = PathBuf::from(
-        args.endpoint
-            .strip_prefix("unix://")
-            .with_context(|| format!("--endpoint {:?} is not unix:///PATH", args.endpoint))?,
-    );
+    let socket = process::unix_endpoint(&args.endpoint)?;
     anyhow::ensure!(args.overcommit >= 1.0, "--overcommit must be at least 1");
     let mut nodes = args.nodes.clone();
     if let Some(f) = &args.nodes_file {
@@ -84,33 +80,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         ServiceConfig { overcommit: args.overcommit },
     ));
 
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(&socket);
-    let listener =
-        tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let listener = process::bind_private_socket(&socket)?;
     info!(endpoint = %socket.display(), state_dir = %args.state_dir.display(), "controller serving");
     if let Some(path) = &args.ready_file {
-        let body = serde_json::json!({ "pid": std::process::id(), "endpoint": socket.display().to_string() });
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, body.to_string())?;
-        std::fs::rename(&tmp, path)?;
+        process::write_ready_file(
+            path,
+            &serde_json::json!({ "pid": std::process::id(), "endpoint": socket.display().to_string() }),
+        )?;
     }
-    let shutdown = CancellationToken::new();
-    let sd = shutdown.clone();
-    tokio::spawn(async move {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        info!("shutting down");
-        sd.cancel();
-    });
+    let shutdown = process::shutdown_on_signals();
     barnacle_controller::run(listener, service, shutdown).await?;
     Ok(())
 }

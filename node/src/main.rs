@@ -6,8 +6,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use barnacle_node::attach::{Attacher, Method};
 use barnacle_node::service::{NodeConfig, NodeService};
+use barnacle_replica::process;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// Serve Barnacle's CSI node plugin.
@@ -50,11 +50,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let socket = PathBuf::from(
-        args.endpoint
-            .strip_prefix("unix://")
-            .with_context(|| format!("--endpoint {:?} is not unix:///PATH", args.endpoint))?,
-    );
+    let socket = process::unix_endpoint(&args.endpoint)?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let helper = match args.nbd_fuse {
@@ -69,34 +65,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         NodeConfig { node_id: args.node_id.clone(), zone: args.zone.clone(), max_volumes: args.max_volumes },
         attacher,
     ));
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(&socket);
-    let listener =
-        tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let listener = process::bind_private_socket(&socket)?;
     let attached = service.attacher().attached();
-    info!(endpoint = %socket.display(), node_id = %args.node_id, attached = attached.len(), "node plugin serving");
+    info!(endpoint = %socket.display(), node_id = %args.node_id, attached = attached.len(), "node plugin serving (attached volumes stay attached when it stops)");
     if let Some(path) = &args.ready_file {
-        let body = serde_json::json!({ "pid": std::process::id(), "endpoint": socket.display().to_string() });
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, body.to_string())?;
-        std::fs::rename(&tmp, path)?;
+        process::write_ready_file(
+            path,
+            &serde_json::json!({ "pid": std::process::id(), "endpoint": socket.display().to_string() }),
+        )?;
     }
-    let shutdown = CancellationToken::new();
-    let sd = shutdown.clone();
-    tokio::spawn(async move {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        info!("shutting down (attached volumes stay attached)");
-        sd.cancel();
-    });
+    let shutdown = process::shutdown_on_signals();
     barnacle_node::run(listener, service, shutdown).await?;
     Ok(())
 }

@@ -8,7 +8,6 @@ use barnacle_replica::server::{Replica, ServerConfig};
 use barnacle_replica::store::DEFAULT_CLUSTER_SIZE;
 use barnacle_replica::units::parse_size;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// Serve one replica of one Barnacle volume.
@@ -88,14 +87,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.mgmt_listen))?;
     let data_unix = match &args.listen_unix {
-        Some(path) => {
-            // A stale socket of an earlier run would make bind fail.
-            let _ = std::fs::remove_file(path);
-            let l = tokio::net::UnixListener::bind(path)
-                .with_context(|| format!("binding {}", path.display()))?;
-            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-            Some(l)
-        }
+        Some(path) => Some(barnacle_replica::process::bind_private_socket(path)?),
         None => None,
     };
     let (data_addr, mgmt_addr) = (data.local_addr()?, mgmt.local_addr()?);
@@ -105,24 +97,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         if let Some(path) = &args.listen_unix {
             body["data_unix"] = format!("unix:{}", path.display()).into();
         }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, body.to_string())?;
-        std::fs::rename(&tmp, path)?;
+        barnacle_replica::process::write_ready_file(path, &body)?;
     }
-    let shutdown = CancellationToken::new();
-    let sd = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        info!("shutting down");
-        sd.cancel();
-    });
+    let shutdown = barnacle_replica::process::shutdown_on_signals();
     barnacle_replica::run(data, data_unix, mgmt, replica, shutdown).await?;
     Ok(())
 }

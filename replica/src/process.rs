@@ -69,3 +69,52 @@ pub fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime>
         .build()
         .context("starting the async runtime")
 }
+
+/// The socket path of a `unix:///path` endpoint (the form CSI endpoints take).
+pub fn unix_endpoint(endpoint: &str) -> anyhow::Result<std::path::PathBuf> {
+    endpoint
+        .strip_prefix("unix://")
+        .filter(|p| p.starts_with('/'))
+        .map(std::path::PathBuf::from)
+        .ok_or_else(|| anyhow::anyhow!("endpoint {endpoint:?} is not unix:///PATH"))
+}
+
+/// Binds a unix socket only root may use (0600), replacing a stale one and creating its directory.
+pub fn bind_private_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use anyhow::Context;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket left by an earlier run would make bind fail.
+    let _ = std::fs::remove_file(path);
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Writes a ready file atomically (a reader sees the whole JSON or nothing).
+pub fn write_ready_file(path: &std::path::Path, body: &serde_json::Value) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body.to_string())?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// A token cancelled on SIGINT or SIGTERM (logged).
+pub fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
