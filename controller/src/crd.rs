@@ -66,8 +66,10 @@ pub struct VolumeStatus {
     pub membership: Option<MembershipStatus>,
     #[serde(default)]
     pub abnormal: bool,
-    #[serde(default)]
-    pub condition: String,
+    /// Why it is abnormal, or that all is well. (Optional rather than defaulting to "": Kubernetes
+    /// 1.20 reads an empty-string default as null and refuses the schema.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
 }
 
 /// A snapshot: its record is the spec.

@@ -41,6 +41,12 @@ impl FsType {
     }
 }
 
+/// The schema of an optional [`FsType`]: a nullable string enum (a `null` among the enum's values,
+/// as derived, is refused by Kubernetes 1.20's API server).
+fn fs_type_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "enum": ["ext4", "xfs"], "nullable": true})
+}
+
 /// A volume's parameters, from its StorageClass.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VolumeParams {
@@ -52,6 +58,7 @@ pub struct VolumeParams {
     /// reserve their full size on the node's disk.
     pub thin: bool,
     /// Filesystem for Filesystem-mode volumes; passed to the node in the volume context.
+    #[schemars(schema_with = "fs_type_schema")]
     pub fs_type: Option<FsType>,
     /// Extra options for mkfs, passed to the node in the volume context.
     pub mkfs_options: Option<String>,
