@@ -15,8 +15,7 @@ use crate::params::{FsType, VolumeParams};
 use crate::service::{CreateVolume, Publish, Service};
 use crate::store::{SnapshotRecord, VolumeRecord, VolumeSource};
 
-/// The driver name registered with Kubernetes.
-pub const DRIVER_NAME: &str = "csi.barnacle.dev";
+pub use csi_proto::DRIVER_NAME;
 
 /// The one place controller errors become gRPC statuses.
 pub fn status(e: ControllerError) -> Status {

@@ -7,10 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ControllerError, Result};
 
-/// Topology key naming a node.
-pub const TOPOLOGY_NODE: &str = "topology.barnacle.dev/node";
-/// Topology key naming a zone (the well-known Kubernetes label).
-pub const TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+pub use csi_proto::{TOPOLOGY_NODE, TOPOLOGY_ZONE};
 
 /// A node that can hold replicas.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1062,9 +1062,11 @@ impl<O: Orchestrator> Service<O> {
         let _placing = self.placing.lock().await;
         let all = self.db(|s| s.volumes()).await?;
         let used = crate::store::provisioned_by_node(&all);
+        // The nodes once: their capacity is a statvfs per node.
+        let nodes = self.nodes();
         for r in &v.replicas {
-            let node = self.nodes().into_iter().find(|n| n.name == r.node);
-            let room = node.map_or(0, |n| placement::room(&n, &used, self.cfg.overcommit, v.params.thin));
+            let node = nodes.iter().find(|n| n.name == r.node);
+            let room = node.map_or(0, |n| placement::room(n, &used, self.cfg.overcommit, v.params.thin));
             if room < grow {
                 return Err(ControllerError::OutOfRange(format!(
                     "node {} of replica {} has room for {room} more bytes, not {grow}",

@@ -90,7 +90,11 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 
 /// The ready file's content if it is complete JSON with a pid.
 pub fn read_ready(path: &Path) -> Option<(u32, serde_json::Value)> {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    parse_ready(&std::fs::read(path).ok()?)
+}
+
+fn parse_ready(bytes: &[u8]) -> Option<(u32, serde_json::Value)> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     let pid = u32::try_from(v.get("pid")?.as_u64()?).ok()?;
     Some((pid, v))
 }
@@ -221,7 +225,9 @@ impl Supervised {
         let pid = proc.pid()?;
         let poll = async {
             loop {
-                if let Some((p, v)) = read_ready(&self.spec.ready_file)
+                // Polled off the async threads (tokio::fs): a slow disk must not stall the runtime.
+                let bytes = tokio::fs::read(&self.spec.ready_file).await.unwrap_or_default();
+                if let Some((p, v)) = parse_ready(&bytes)
                     && p == pid
                 {
                     return v;

@@ -27,3 +27,10 @@ pub fn unix_channel(path: &str) -> Result<tonic::transport::Channel, tonic::tran
         }
     })))
 }
+
+/// The name Barnacle's CSI driver registers under (GetPluginInfo, CSIDriver, StorageClass).
+pub const DRIVER_NAME: &str = "csi.barnacle.dev";
+/// Topology key naming a node: the node plugin reports it, the controller places replicas by it.
+pub const TOPOLOGY_NODE: &str = "topology.barnacle.dev/node";
+/// Topology key naming a zone (the well-known Kubernetes label).
+pub const TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";

@@ -13,11 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::error::NodeError;
 use crate::service::{Capability, FILESYSTEMS, NodeService, Publish, Stage, Usage};
 
-/// The driver name registered with Kubernetes.
-pub const DRIVER_NAME: &str = "csi.barnacle.dev";
-/// Topology keys (the controller places replicas by the same ones).
-pub const TOPOLOGY_NODE: &str = "topology.barnacle.dev/node";
-pub const TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+pub use csi_proto::{DRIVER_NAME, TOPOLOGY_NODE, TOPOLOGY_ZONE};
 
 /// The one place node errors become gRPC statuses.
 pub fn status(e: NodeError) -> Status {

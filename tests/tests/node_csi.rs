@@ -587,7 +587,6 @@ async fn stats_follow_usage_and_the_engine_s_health() {
     unpublish(&mut n, &vol, &target).await.unwrap();
     unstage(&mut n, &vol, &staging).await.unwrap();
     env.assert_clean();
-    let _ = &mut env;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
