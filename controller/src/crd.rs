@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::store::{SnapshotRecord, VolumeRecord};
+pub use barnacle_engine::k8s::{MemberStatus, MembershipStatus};
 
 /// A volume: its record is the spec.
 #[derive(CustomResource, Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -33,43 +34,11 @@ pub struct VolumeSpec {
     pub record: VolumeRecord,
 }
 
-/// A replica in the membership.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct MemberStatus {
-    pub id: String,
-    pub addr: String,
-    /// "healthy" or "ejected".
-    pub state: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ejected_at_epoch: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub store_id: Option<String>,
-    #[serde(default)]
-    pub tracked_since: u64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub missed_regions: Vec<u64>,
-}
-
-/// The volume's membership (DESIGN rule 1).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct MembershipStatus {
-    pub epoch: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub engine_id: Option<String>,
-    pub replicas: Vec<MemberStatus>,
-}
-
-/// What the controller observed of a volume.
+/// What the membership authority keeps of a volume.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct VolumeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub membership: Option<MembershipStatus>,
-    #[serde(default)]
-    pub abnormal: bool,
-    /// Why it is abnormal, or that all is well. (Optional rather than defaulting to "": Kubernetes
-    /// 1.20 reads an empty-string default as null and refuses the schema.)
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub condition: Option<String>,
 }
 
 /// A snapshot: its record is the spec.
@@ -91,6 +60,7 @@ pub struct SnapshotSpec {
     pub record: SnapshotRecord,
 }
 
+/// Written with the record: whether the snapshot can be used as a source.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SnapshotStatus {
     #[serde(default)]
@@ -167,7 +137,11 @@ mod tests {
             name: "pvc-1".into(),
             size: 1 << 30,
             params: crate::params::VolumeParams::default(),
-            replicas: vec![crate::store::ReplicaPlacement { id: "r0".into(), node: "n1".into() }],
+            replicas: vec![crate::store::ReplicaPlacement {
+                id: "r0".into(),
+                node: "n1".into(),
+                port: Some(20000),
+            }],
             source: Some(crate::store::VolumeSource::Snapshot("snap-1".into())),
             attachment: None,
             generation: 2,

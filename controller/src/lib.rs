@@ -4,8 +4,9 @@
 //! - [`csi`]: the gRPC adapter (validation, conversion, error codes);
 //! - [`service`]: the domain operations, each under a per-volume guard;
 //! - [`store`]: volume and snapshot records behind the `Store` trait (RocksDB embedded);
+//!   [`k8s_store`] keeps them as custom resources ([`crd`]) in a cluster;
 //! - [`orchestrator`]: the trait that runs replicas and engines; [`local`] runs them as child
-//!   processes ([`supervise`] watches them);
+//!   processes ([`supervise`] watches them), [`k8s`] as pods; [`leader`] elects one controller;
 //! - [`placement`] and [`params`]: where replicas go and what a StorageClass may say;
 //! - [`rpc`]: clients of the replicas' and engines' management APIs.
 
@@ -13,6 +14,9 @@ pub mod admin;
 pub mod crd;
 pub mod csi;
 pub mod error;
+pub mod k8s;
+pub mod k8s_store;
+pub mod leader;
 pub mod local;
 pub mod orchestrator;
 pub mod params;
@@ -33,14 +37,20 @@ use service::Service;
 /// Serves the Identity and Controller services on `listener` until `shutdown` fires, recovering
 /// the processes of existing volumes in the background; then stops watching them (the
 /// orchestrator decides whether they keep running).
+///
+/// Recovery, and with it every change, waits for `start`: a controller that is not the leader
+/// serves Probe as a healthy standby and refuses changes as Unavailable.
 pub async fn run<O: Orchestrator>(
     listener: tokio::net::UnixListener,
     service: Arc<Service<O>>,
     shutdown: CancellationToken,
+    start: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let recovering = {
         let s = service.clone();
         tokio::spawn(async move {
+            start.await;
+            s.set_leading();
             if let Err(e) = s.recover().await {
                 tracing::error!(error = %e, "recovery failed");
             }

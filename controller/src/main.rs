@@ -1,16 +1,31 @@
-//! `barnacle-controller`: the CSI Identity and Controller services, with the RocksDB store and the
-//! local orchestrator (replicas and engines as child processes, each node a directory).
+//! `barnacle-controller`: the CSI Identity and Controller services, either with the RocksDB store
+//! and the local orchestrator (replicas and engines as child processes, each node a directory) or
+//! in a Kubernetes cluster (records as custom resources, replicas and engines as pods).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use barnacle_controller::k8s::{KubeConfig, KubeOrchestrator};
+use barnacle_controller::k8s_store::KubeStore;
+use barnacle_controller::leader::Election;
 use barnacle_controller::local::{LocalConfig, LocalNode, LocalOrchestrator};
 use barnacle_controller::service::{Service, ServiceConfig};
 use barnacle_controller::store::RocksStore;
 use barnacle_replica::process;
 use clap::Parser;
-use tracing::info;
+use tracing::{error, info, warn};
+
+/// Where the volumes' replicas and engines run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OrchestratorKind {
+    /// Child processes of this controller; each node a directory (records in RocksDB).
+    Local,
+    /// Pods of a Kubernetes cluster (records as custom resources).
+    Kubernetes,
+}
 
 /// Serve Barnacle's CSI controller.
 #[derive(Debug, Parser)]
@@ -19,29 +34,94 @@ struct Args {
     /// The CSI endpoint: unix:///path/to/csi.sock.
     #[arg(long, env = "CSI_ENDPOINT")]
     endpoint: String,
-    /// Directory of the controller's state: the record store, tokens, membership records.
-    #[arg(long)]
-    state_dir: PathBuf,
-    /// A node as NAME=DIR[,zone=ZONE][,capacity=SIZE]; repeat for each. DIR stands for its disk.
-    #[arg(long = "node", value_parser = LocalNode::parse)]
-    nodes: Vec<LocalNode>,
-    /// A JSON file listing nodes ([{"name": .., "dir": .., "zone": .., "capacity": ..}]), in
-    /// addition to --node.
-    #[arg(long)]
-    nodes_file: Option<PathBuf>,
-    /// Where barnacle-replica and barnacle-engine are (default: beside this program).
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = OrchestratorKind::Local)]
+    orchestrator: OrchestratorKind,
     /// Thin volumes may provision this many times a node's capacity.
     #[arg(long, default_value_t = 2.0)]
     overcommit: f64,
-    /// Stop every replica and engine when the controller exits (default: they keep serving and
-    /// the next controller adopts them).
-    #[arg(long)]
-    stop_processes_on_exit: bool,
     /// Write {"pid": N, "endpoint": PATH} here once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+
+    /// Local: directory of the controller's state: the record store, tokens, membership records.
+    #[arg(long, required_if_eq("orchestrator", "local"))]
+    state_dir: Option<PathBuf>,
+    /// Local: a node as NAME=DIR[,zone=ZONE][,capacity=SIZE]; repeat for each. DIR stands for its
+    /// disk.
+    #[arg(long = "node", value_parser = LocalNode::parse)]
+    nodes: Vec<LocalNode>,
+    /// Local: a JSON file listing nodes ([{"name": .., "dir": .., "zone": .., "capacity": ..}]),
+    /// in addition to --node.
+    #[arg(long)]
+    nodes_file: Option<PathBuf>,
+    /// Local: where barnacle-replica and barnacle-engine are (default: beside this program).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Local: stop every replica and engine when the controller exits (default: they keep
+    /// serving and the next controller adopts them).
+    #[arg(long)]
+    stop_processes_on_exit: bool,
+
+    /// Kubernetes: the namespace of the records, pods and Secrets (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE", required_if_eq("orchestrator", "kubernetes"))]
+    namespace: Option<String>,
+    /// Kubernetes: the ConfigMap naming each node's disk directory.
+    #[arg(long, default_value = "barnacle-disks")]
+    disks_configmap: String,
+    /// Kubernetes: the image of replica and engine pods.
+    #[arg(long, env = "BARNACLE_IMAGE", required_if_eq("orchestrator", "kubernetes"))]
+    image: Option<String>,
+    #[arg(long, default_value = "IfNotPresent")]
+    image_pull_policy: String,
+    /// Kubernetes: the service account of engine pods.
+    #[arg(long, default_value = "barnacle-engine")]
+    engine_service_account: String,
+    /// Kubernetes: host ports of replicas and engines (two each), as FIRST-LAST.
+    #[arg(long, default_value = "20000-29999", value_parser = parse_ports)]
+    host_ports: std::ops::RangeInclusive<u16>,
+    /// Kubernetes: the host directory of engines' NBD sockets (the node plugin mounts it too).
+    #[arg(long, default_value = "/var/lib/barnacle/run")]
+    run_dir: String,
+    /// Kubernetes: CPU and memory of each replica pod and engine pod (requests = limits), as
+    /// cpu=500m,memory=128Mi; empty for none.
+    #[arg(long, default_value = "cpu=500m,memory=128Mi", value_parser = parse_resources)]
+    replica_resources: BTreeMap<String, String>,
+    #[arg(long, default_value = "cpu=500m,memory=128Mi", value_parser = parse_resources)]
+    engine_resources: BTreeMap<String, String>,
+    /// Kubernetes: seconds a pod may take to become ready.
+    #[arg(long, default_value_t = 120)]
+    pod_ready_timeout: u64,
+    /// Kubernetes: lead through a Lease, so one of several controller replicas acts.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Kubernetes: the Lease's name.
+    #[arg(long, default_value = "barnacle-controller")]
+    leader_election_lease: String,
+}
+
+fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?,
+        b.trim().parse().map_err(|_| format!("{b:?} is not a port"))?,
+    );
+    if a == 0 || b <= a {
+        return Err(format!("{s:?}: need 0 < FIRST < LAST"));
+    }
+    Ok(a..=b)
+}
+
+fn parse_resources(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+        match part.split_once('=') {
+            Some((k @ ("cpu" | "memory"), v)) if !v.is_empty() => {
+                out.insert(k.to_owned(), v.to_owned());
+            }
+            _ => return Err(format!("{part:?}: expected cpu=QUANTITY or memory=QUANTITY")),
+        }
+    }
+    Ok(out)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,42 +133,123 @@ fn main() -> anyhow::Result<()> {
 async fn serve(args: Args) -> anyhow::Result<()> {
     let socket = process::unix_endpoint(&args.endpoint)?;
     anyhow::ensure!(args.overcommit >= 1.0, "--overcommit must be at least 1");
-    let mut nodes = args.nodes.clone();
-    if let Some(f) = &args.nodes_file {
-        let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-        let more: Vec<LocalNode> =
-            serde_json::from_slice(&text).with_context(|| format!("parsing {}", f.display()))?;
-        nodes.extend(more);
+    let cfg = ServiceConfig { overcommit: args.overcommit };
+    let shutdown = process::shutdown_on_signals();
+    match args.orchestrator {
+        OrchestratorKind::Local => {
+            let state_dir = args.state_dir.clone().context("give --state-dir")?;
+            let mut nodes = args.nodes.clone();
+            if let Some(f) = &args.nodes_file {
+                let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+                let more: Vec<LocalNode> =
+                    serde_json::from_slice(&text).with_context(|| format!("parsing {}", f.display()))?;
+                nodes.extend(more);
+            }
+            anyhow::ensure!(!nodes.is_empty(), "give at least one --node NAME=DIR");
+            let bin_dir = match &args.bin_dir {
+                Some(d) => d.clone(),
+                None => std::env::current_exe()?.parent().context("program has no directory")?.to_owned(),
+            };
+            std::fs::create_dir_all(&state_dir)
+                .with_context(|| format!("creating {}", state_dir.display()))?;
+            let store = RocksStore::open(&state_dir.join("store")).context("opening the record store")?;
+            let orch = LocalOrchestrator::new(LocalConfig {
+                state_dir: state_dir.clone(),
+                nodes,
+                bin_dir,
+                stop_on_exit: args.stop_processes_on_exit,
+            })?;
+            let service = Arc::new(Service::new(Arc::new(store), Arc::new(orch), cfg));
+            let listener = listen(&args, &socket)?;
+            info!(endpoint = %socket.display(), state_dir = %state_dir.display(), "controller serving");
+            barnacle_controller::run(listener, service, shutdown, std::future::ready(())).await?;
+        }
+        OrchestratorKind::Kubernetes => {
+            let namespace = args.namespace.clone().context("give --namespace")?;
+            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+            let rt = tokio::runtime::Handle::current();
+            let store = KubeStore::new(client.clone(), &namespace, rt.clone());
+            let orch = Arc::new(KubeOrchestrator::new(
+                client.clone(),
+                KubeConfig {
+                    namespace: namespace.clone(),
+                    image: args.image.clone().context("give --image")?,
+                    image_pull_policy: args.image_pull_policy.clone(),
+                    disks_configmap: args.disks_configmap.clone(),
+                    ports: args.host_ports.clone(),
+                    engine_service_account: args.engine_service_account.clone(),
+                    run_dir: args.run_dir.clone(),
+                    replica_resources: args.replica_resources.clone(),
+                    engine_resources: args.engine_resources.clone(),
+                    ready_timeout: Duration::from_secs(args.pod_ready_timeout),
+                },
+                rt,
+            ));
+            let _ = orch.refresh().await;
+            tokio::spawn(orch.clone().refresh_every(Duration::from_secs(5), shutdown.clone()));
+            let service = Arc::new(Service::new(Arc::new(store), orch, cfg));
+            {
+                let (s, stop) = (service.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+                        }
+                        if let Err(e) = s.reconcile().await {
+                            warn!(error = %e, "reconcile failed");
+                        }
+                    }
+                });
+            }
+            let lost_lease = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let start: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                if args.leader_election {
+                    let election = Election {
+                        namespace: namespace.clone(),
+                        lease: args.leader_election_lease.clone(),
+                        identity: format!(
+                            "{}-{}",
+                            std::env::var("POD_NAME").unwrap_or_else(|_| "barnacle-controller".into()),
+                            &uuid::Uuid::new_v4().simple().to_string()[..8]
+                        ),
+                        lease_duration: Duration::from_secs(15),
+                        renew_every: Duration::from_secs(4),
+                    };
+                    let (stop, flag) = (shutdown.clone(), lost_lease.clone());
+                    Box::pin(async move {
+                        let lost = election.lead(client).await;
+                        // Losing the lease ends this process: a restarted one is a candidate again.
+                        tokio::spawn(async move {
+                            lost.cancelled().await;
+                            error!("leadership lost; exiting");
+                            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                            stop.cancel();
+                        });
+                    })
+                } else {
+                    Box::pin(std::future::ready(()))
+                };
+            let listener = listen(&args, &socket)?;
+            info!(endpoint = %socket.display(), namespace, "controller serving (Kubernetes)");
+            barnacle_controller::run(listener, service, shutdown.clone(), start).await?;
+            anyhow::ensure!(
+                !lost_lease.load(std::sync::atomic::Ordering::Relaxed),
+                "leadership lost: exiting so that a restart runs as a candidate"
+            );
+        }
     }
-    anyhow::ensure!(!nodes.is_empty(), "give at least one --node NAME=DIR");
-    let bin_dir = match args.bin_dir {
-        Some(d) => d,
-        None => std::env::current_exe()?.parent().context("program has no directory")?.to_owned(),
-    };
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let store = RocksStore::open(&args.state_dir.join("store")).context("opening the record store")?;
-    let orch = LocalOrchestrator::new(LocalConfig {
-        state_dir: args.state_dir.clone(),
-        nodes,
-        bin_dir,
-        stop_on_exit: args.stop_processes_on_exit,
-    })?;
-    let service = Arc::new(Service::new(
-        Arc::new(store),
-        Arc::new(orch),
-        ServiceConfig { overcommit: args.overcommit },
-    ));
+    Ok(())
+}
 
-    let listener = process::bind_private_socket(&socket)?;
-    info!(endpoint = %socket.display(), state_dir = %args.state_dir.display(), "controller serving");
+/// Binds the CSI socket and writes the ready file.
+fn listen(args: &Args, socket: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    let listener = process::bind_private_socket(socket)?;
     if let Some(path) = &args.ready_file {
         process::write_ready_file(
             path,
             &serde_json::json!({ "pid": std::process::id(), "endpoint": socket.display().to_string() }),
         )?;
     }
-    let shutdown = process::shutdown_on_signals();
-    barnacle_controller::run(listener, service, shutdown).await?;
-    Ok(())
+    Ok(listener)
 }

@@ -36,6 +36,13 @@ pub trait Orchestrator: Send + Sync + 'static {
     /// The nodes that can hold replicas and run engines.
     fn nodes(&self) -> Vec<NodeInfo>;
 
+    /// The host ports replicas and engines serve on, two consecutive ports each, assigned by the
+    /// controller and kept in the records so addresses survive restarts; `None` when the
+    /// orchestrator needs none (local processes use unix sockets and ephemeral ports).
+    fn ports(&self) -> Option<std::ops::RangeInclusive<u16>> {
+        None
+    }
+
     /// Fails when the orchestrator cannot start anything (for Probe).
     fn check(&self) -> Result<()>;
 

@@ -58,11 +58,15 @@ pub struct VolumeParams {
     /// reserve their full size on the node's disk.
     pub thin: bool,
     /// Filesystem for Filesystem-mode volumes; passed to the node in the volume context.
+    // Absent rather than null: Kubernetes 1.20 checks a null against the enum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "fs_type_schema")]
     pub fs_type: Option<FsType>,
     /// Extra options for mkfs, passed to the node in the volume context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mkfs_options: Option<String>,
     /// Rebuild copy rate limit (MiB/s) given to the volume's engine; `None`: the engine's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild_mib_per_sec: Option<u64>,
     /// PVC and PV names from the external-provisioner, kept for display.
     #[serde(default)]

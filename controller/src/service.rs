@@ -171,6 +171,8 @@ pub struct Service<O: Orchestrator> {
     /// The identity this controller fences replicas under on detach.
     fencer: Uuid,
     recovered: std::sync::atomic::AtomicBool,
+    /// Set once this controller leads (at once without leader election).
+    leading: std::sync::atomic::AtomicBool,
     /// Held from reading what nodes hold to recording a new placement or size, so two
     /// operations cannot both take the same room.
     placing: tokio::sync::Mutex<()>,
@@ -193,6 +195,7 @@ impl<O: Orchestrator> Service<O> {
             guards: Guards::default(),
             fencer: Uuid::new_v4(),
             recovered: std::sync::atomic::AtomicBool::new(false),
+            leading: std::sync::atomic::AtomicBool::new(false),
             placing: tokio::sync::Mutex::new(()),
             cloning: Mutex::new(HashMap::new()),
         }
@@ -232,10 +235,17 @@ impl<O: Orchestrator> Service<O> {
 
     /// Ready when the store and the orchestrator are usable and the processes of existing volumes
     /// have been looked after since start.
+    /// A standby (not leading yet) is ready: it is healthy, and only the leader gets calls.
     pub async fn probe(&self) -> Result<bool> {
         self.db(|s| s.check()).await?;
         self.orch.check()?;
-        Ok(self.recovered.load(std::sync::atomic::Ordering::Relaxed))
+        let leading = self.leading.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(!leading || self.recovered.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// This controller leads from now on: recovery follows.
+    pub fn set_leading(&self) {
+        self.leading.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// After a (re)start: adopts or restarts the replicas of every volume and the engines of
@@ -284,6 +294,36 @@ impl<O: Orchestrator> Service<O> {
         Ok(())
     }
 
+    /// Brings back what should run and does not (for an orchestrator whose processes can vanish,
+    /// such as pods; called periodically): the replicas of every volume, the engine of every
+    /// published one. A volume busy with another operation waits for the next pass.
+    pub async fn reconcile(&self) -> Result<()> {
+        if self.ready().is_err() {
+            return Ok(());
+        }
+        let volumes = self.db(|s| s.volumes()).await?;
+        join_all(volumes.iter().filter(|v| v.state != VolumeState::Creating).map(|v| async move {
+            let Ok(_g) = self.guards.lock(&[vkey(&v.id)]) else { return };
+            let Ok(Some(v)) = self.volume(&v.id).await else { return };
+            if v.state == VolumeState::Creating {
+                return;
+            }
+            let res = async {
+                let replicas = self.start_replicas(&v).await?;
+                if let Some(att) = &v.attachment {
+                    self.orch.ensure_engine(&v, att, &replicas).await?;
+                }
+                Ok::<_, ControllerError>(())
+            }
+            .await;
+            if let Err(e) = res {
+                warn!(volume_id = %v.id, error = %e, "reconcile: the volume's processes are not all running");
+            }
+        }))
+        .await;
+        Ok(())
+    }
+
     /// Starts (or finds) every replica process of `v`; returns (replica id, data address).
     async fn start_replicas(&self, v: &VolumeRecord) -> Result<Vec<(String, String)>> {
         let eps = join_all(v.replicas.iter().map(|r| self.orch.ensure_replica(v, r, None))).await;
@@ -295,6 +335,8 @@ impl<O: Orchestrator> Service<O> {
     fn ready(&self) -> Result<()> {
         if self.recovered.load(std::sync::atomic::Ordering::Relaxed) {
             Ok(())
+        } else if !self.leading.load(std::sync::atomic::Ordering::Relaxed) {
+            Err(ControllerError::Unavailable("this controller is a standby, not the leader; retry".into()))
         } else {
             Err(ControllerError::Unavailable("the controller is recovering its volumes; retry".into()))
         }
@@ -400,16 +442,17 @@ impl<O: Orchestrator> Service<O> {
                 req.params.min_healthy_replicas
             )));
         }
+        let mut replicas = Vec::with_capacity(placed.len());
+        for (i, node) in placed.into_iter().enumerate() {
+            let port = self.assign_port(&all, &node)?;
+            replicas.push(ReplicaPlacement { id: format!("r{i}"), node, port });
+        }
         let v = VolumeRecord {
             id: new_id("vol"),
             name: req.name.clone(),
             size,
             params: req.params.clone(),
-            replicas: placed
-                .into_iter()
-                .enumerate()
-                .map(|(i, node)| ReplicaPlacement { id: format!("r{i}"), node })
-                .collect(),
+            replicas,
             source: req.source.clone(),
             attachment: None,
             generation: 0,
@@ -421,6 +464,21 @@ impl<O: Orchestrator> Service<O> {
         drop(placing);
         info!(volume_id = %v.id, name = %v.name, size, replicas = ?v.replicas, source = ?v.source, "creating volume");
         self.build_volume(v).await
+    }
+
+    /// A free pair of host ports on `node` when the orchestrator uses them (call with the
+    /// placement lock held, `all` read under it).
+    fn assign_port(&self, all: &[VolumeRecord], node: &str) -> Result<Option<u16>> {
+        let Some(range) = self.orch.ports() else { return Ok(None) };
+        crate::store::free_port_pair(&range, &crate::store::ports_on_node(all, node)).map(Some).ok_or_else(
+            || {
+                ControllerError::ResourceExhausted(format!(
+                    "node {node} has no free port pair in {}-{}",
+                    range.start(),
+                    range.end()
+                ))
+            },
+        )
     }
 
     /// The volume's membership record (a blocking read, done off the async threads).
@@ -776,16 +834,23 @@ impl<O: Orchestrator> Service<O> {
             }
             Some(a) => a.clone(),
             None => {
+                let placing = self.placing.lock().await;
+                let port = match self.orch.ports() {
+                    Some(_) => self.assign_port(&self.db(|s| s.volumes()).await?, &p.node)?,
+                    None => None,
+                };
                 let a = Attachment {
                     node: p.node.clone(),
                     generation: v.generation + 1,
                     readonly: p.readonly,
                     block: p.block,
                     access_mode: p.access_mode,
+                    port,
                 };
                 v.generation = a.generation;
                 v.attachment = Some(a.clone());
                 self.put_volume(&v).await?;
+                drop(placing);
                 a
             }
         };

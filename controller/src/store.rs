@@ -17,6 +17,10 @@ pub struct ReplicaPlacement {
     /// Unique within the volume (`r0`, `r1`, …); the membership record uses the same id.
     pub id: String,
     pub node: String,
+    /// Where an orchestrator with host ports serves it: the data protocol on this port of the
+    /// node, the management API on the next (see [`crate::orchestrator::Orchestrator::ports`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// What a volume was made from.
@@ -53,6 +57,10 @@ pub struct Attachment {
     pub block: bool,
     /// The CSI access mode number.
     pub access_mode: i32,
+    /// Where an orchestrator with host ports serves the engine: the management API on this port
+    /// of the node, metrics on the next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// A volume's life cycle.
@@ -284,6 +292,24 @@ pub fn provisioned_by_node(volumes: &[VolumeRecord]) -> BTreeMap<String, (u64, u
     out
 }
 
+/// Host ports held on `node` by replicas and engines (the first of each pair).
+pub fn ports_on_node(volumes: &[VolumeRecord], node: &str) -> std::collections::BTreeSet<u16> {
+    let mut out = std::collections::BTreeSet::new();
+    for v in volumes {
+        out.extend(v.replicas.iter().filter(|r| r.node == node).filter_map(|r| r.port));
+        out.extend(v.attachment.iter().filter(|a| a.node == node).filter_map(|a| a.port));
+    }
+    out
+}
+
+/// The first free pair of consecutive ports in `range` (pairs start at its first port).
+pub fn free_port_pair(
+    range: &std::ops::RangeInclusive<u16>,
+    taken: &std::collections::BTreeSet<u16>,
+) -> Option<u16> {
+    (*range.start()..*range.end()).step_by(2).find(|p| !taken.contains(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,7 +320,7 @@ mod tests {
             name: name.into(),
             size: 1 << 30,
             params: VolumeParams::default(),
-            replicas: vec![ReplicaPlacement { id: "r0".into(), node: "n1".into() }],
+            replicas: vec![ReplicaPlacement { id: "r0".into(), node: "n1".into(), port: None }],
             source: None,
             attachment: None,
             generation: 0,
@@ -337,5 +363,28 @@ mod tests {
         assert_eq!(s.volumes().unwrap_or_default().len(), 1);
         assert!(s.snapshots().unwrap_or_default().is_empty());
         assert!(s.snapshot_by_name("s1").ok().flatten().is_none());
+    }
+
+    #[test]
+    fn port_pairs_are_never_shared_on_a_node() {
+        let mut a = vol("v1", "a");
+        a.replicas[0].port = Some(20000);
+        let mut b = vol("v2", "b");
+        b.replicas[0].port = Some(20002);
+        b.attachment = Some(Attachment {
+            node: "n1".into(),
+            generation: 1,
+            readonly: false,
+            block: false,
+            access_mode: 1,
+            port: Some(20006),
+        });
+        let taken = ports_on_node(&[a.clone(), b], "n1");
+        assert_eq!(taken.iter().copied().collect::<Vec<_>>(), vec![20000, 20002, 20006]);
+        assert_eq!(free_port_pair(&(20000..=20009), &taken), Some(20004));
+        assert!(ports_on_node(&[a], "n2").is_empty());
+        let full: std::collections::BTreeSet<u16> = [20000, 20002].into();
+        assert_eq!(free_port_pair(&(20000..=20003), &full), None);
+        assert_eq!(free_port_pair(&(20000..=20004), &full), None, "a lone last port is no pair");
     }
 }

@@ -4,12 +4,14 @@
 //! - [`volume`]: the replicated volume: fan-out writes, ejection through the membership authority,
 //!   fencing, range locks.
 //! - [`authority`]: the membership authority trait and the standalone file-based implementation.
+//! - [`k8s`]: the membership authority of a volume in a Kubernetes cluster (its custom resource).
 //!
 //! - [`mgmt`]: the gRPC management API (status, snapshots, expansion, adding and removing
 //!   replicas, shutdown).
 //! - [`metrics`]: the Prometheus `/metrics` endpoint.
 
 pub mod authority;
+pub mod k8s;
 pub mod metrics;
 pub mod mgmt;
 pub mod nbd;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use barnacle_engine::authority::FileAuthority;
+use barnacle_engine::authority::{FileAuthority, MembershipAuthority};
 use barnacle_engine::nbd::ExportConfig;
 use barnacle_engine::volume::{Volume, VolumeConfig};
 use clap::Parser;
@@ -28,8 +28,12 @@ struct Args {
     #[arg(long = "replica", value_parser = parse_replica)]
     replicas: Vec<(String, String)>,
     /// Directory of the standalone membership authority (membership.json).
+    #[arg(long, required_unless_present = "kube_namespace", conflicts_with = "kube_namespace")]
+    state_dir: Option<PathBuf>,
+    /// Keep the membership in the volume's custom resource (volumes.barnacle.dev, named by the
+    /// volume id) in this namespace, reached with the pod's service account or $KUBECONFIG.
     #[arg(long)]
-    state_dir: PathBuf,
+    kube_namespace: Option<String>,
     /// Serve NBD on this TCP address (development and tests).
     #[arg(long)]
     nbd_listen: Option<String>,
@@ -106,7 +110,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         rebuild_bandwidth: args.rebuild_mib_per_sec.saturating_mul(1 << 20),
         rebuild_retry: Duration::from_millis(args.rebuild_retry_ms),
     };
-    let authority = Arc::new(FileAuthority::new(&args.state_dir)?);
+    let authority: Arc<dyn MembershipAuthority> = match (&args.kube_namespace, &args.state_dir) {
+        (Some(ns), _) => {
+            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+            let rt = tokio::runtime::Handle::current();
+            Arc::new(barnacle_engine::k8s::KubeAuthority::new(client, ns, &args.volume_id, rt))
+        }
+        (None, Some(dir)) => Arc::new(FileAuthority::new(dir)?),
+        (None, None) => anyhow::bail!("give --state-dir or --kube-namespace"),
+    };
     let volume = Volume::start(cfg, authority).await.context("starting the volume")?;
     let mut export = ExportConfig::new(&args.volume_id);
     export.read_only = args.read_only;

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod k8s;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -480,6 +482,8 @@ pub struct ControllerProcess {
     pub socket: PathBuf,
     pub nodes: Vec<String>,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
+    name: String,
     log: PathBuf,
 }
 
@@ -491,13 +495,32 @@ impl ControllerProcess {
         for n in &names {
             args.extend(["--node".to_owned(), format!("{n}={}", root.join("nodes").join(n).display())]);
         }
+        ControllerProcess::with_args(root, "controller", names, args, Vec::new())
+    }
+
+    /// A controller named `name` (its socket, ready file and log are `<root>/<name>.*`) with
+    /// `args` after `--endpoint`.
+    pub fn with_args(
+        root: &Path,
+        name: &str,
+        nodes: Vec<String>,
+        mut args: Vec<String>,
+        envs: Vec<(String, String)>,
+    ) -> ControllerProcess {
+        let socket =
+            if name == "controller" { root.join("csi.sock") } else { root.join(format!("{name}.sock")) };
+        if !args.iter().any(|a| a == "--endpoint") {
+            args.splice(0..0, ["--endpoint".to_owned(), format!("unix://{}", socket.display())]);
+        }
         let mut c = ControllerProcess {
             child: Command::new("true").spawn().unwrap(),
             root: root.to_owned(),
-            socket: root.join("csi.sock"),
-            nodes: names,
+            socket,
+            nodes,
             args,
-            log: root.join("controller.log"),
+            envs,
+            name: name.to_owned(),
+            log: root.join(format!("{name}.log")),
         };
         let _ = c.child.wait();
         c.spawn();
@@ -505,7 +528,7 @@ impl ControllerProcess {
     }
 
     fn spawn(&mut self) {
-        let ready = self.root.join("controller.ready");
+        let ready = self.root.join(format!("{}.ready", self.name));
         let _ = std::fs::remove_file(&ready);
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         self.child = Command::new(binary("barnacle-controller"))
@@ -513,6 +536,7 @@ impl ControllerProcess {
             .arg("--ready-file")
             .arg(&ready)
             .env("RUST_LOG", "info")
+            .envs(self.envs.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
