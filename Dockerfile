@@ -2,7 +2,7 @@
 #   docker build -t barnacle .
 # Nothing is fetched at run time.
 
-FROM rust:1.88-bookworm AS build
+FROM rust:1.89-bookworm AS build
 # RocksDB is linked dynamically against Debian's build (docs/replica.md); libclang for bindgen.
 # DL3008 (pin apt versions) is ignored: the Debian suite pins them, and exact pins break at every point release.
 # hadolint ignore=DL3008

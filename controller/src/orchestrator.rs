@@ -1,6 +1,6 @@
 //! The orchestrator trait: how a volume's replica and engine processes come to run, and where a
 //! volume's token and membership record live. The local orchestrator ([`crate::local`]) runs them
-//! as child processes; a Kubernetes one runs them as pods.
+//! as child processes; the Kubernetes one ([`crate::k8s`]) runs them as pods.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -69,8 +69,8 @@ pub trait Orchestrator: Send + Sync + 'static {
     /// can be stopped); starts nothing.
     fn adopt_replica(&self, volume: &VolumeRecord, replica: &ReplicaPlacement);
 
-    /// SIGKILLs the replica's process (a fault for demos); returns its pid. Its supervisor restarts
-    /// it and the engine rebuilds it.
+    /// SIGKILLs the replica's process (a fault for demos); returns its pid (0 for a pod, which is
+    /// deleted). Its supervisor restarts it and the engine rebuilds it.
     fn kill_replica(&self, volume_id: &str, replica: &ReplicaPlacement) -> Result<u32>;
 
     /// The name a clone on the same node gives the new replica's store (the replica protocol's

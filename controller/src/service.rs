@@ -507,9 +507,7 @@ impl<O: Orchestrator> Service<O> {
     /// Makes the replicas of a volume in state Creating (from scratch: a repeat first removes what
     /// an interrupted attempt left), writes its first membership record, and marks it Ready.
     async fn build_volume(&self, mut v: VolumeRecord) -> Result<VolumeRecord> {
-        for r in &v.replicas {
-            self.orch.remove_replica(&v.id, r).await?;
-        }
+        self.remove_replicas(&v).await?;
         self.orch.create_token(&v.id).await?;
         let result = self.make_replicas(&v).await;
         self.cloning.lock().remove(&v.id);
@@ -517,9 +515,7 @@ impl<O: Orchestrator> Service<O> {
             Ok(x) => x,
             Err(e) => {
                 warn!(volume_id = %v.id, error = %e, "create failed; removing its replicas");
-                for r in &v.replicas {
-                    let _ = self.orch.remove_replica(&v.id, r).await;
-                }
+                let _ = self.remove_replicas(&v).await;
                 return Err(e);
             }
         };
@@ -694,12 +690,15 @@ impl<O: Orchestrator> Service<O> {
         self.destroy(&v).await
     }
 
+    /// Removes every replica of `v` (on their nodes at once); the first error, after all tried.
+    async fn remove_replicas(&self, v: &VolumeRecord) -> Result<()> {
+        join_all(v.replicas.iter().map(|r| self.orch.remove_replica(&v.id, r))).await.into_iter().collect()
+    }
+
     /// Removes every process, file and record of a volume.
     async fn destroy(&self, v: &VolumeRecord) -> Result<()> {
         self.orch.stop_engine(&v.id).await?;
-        for r in &v.replicas {
-            self.orch.remove_replica(&v.id, r).await?;
-        }
+        self.remove_replicas(v).await?;
         self.orch.forget_volume(&v.id).await?;
         let id = v.id.clone();
         self.db(move |s| s.delete_volume(&id)).await?;
