@@ -80,6 +80,9 @@ fn vkey(id: &str) -> String {
 }
 
 /// A new id: a prefix and 16 hex digits (short, because node paths and socket names carry it).
+/// How long a reconcile pass waits for one volume's processes.
+const RECONCILE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 fn new_id(prefix: &str) -> String {
     let u = Uuid::new_v4().simple().to_string();
     format!("{prefix}-{}", &u[..16])
@@ -314,10 +317,15 @@ impl<O: Orchestrator> Service<O> {
                     self.orch.ensure_engine(&v, att, &replicas).await?;
                 }
                 Ok::<_, ControllerError>(())
-            }
-            .await;
-            if let Err(e) = res {
-                warn!(volume_id = %v.id, error = %e, "reconcile: the volume's processes are not all running");
+            };
+            // What was missing has been started by then; waiting longer for it would hold the
+            // volume's guard against the calls of the CSI sidecars.
+            match tokio::time::timeout(RECONCILE_WAIT, res).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(volume_id = %v.id, error = %e, "reconcile: the volume's processes are not all running");
+                }
+                Err(_) => warn!(volume_id = %v.id, "reconcile: the volume's processes are not ready yet"),
             }
         }))
         .await;

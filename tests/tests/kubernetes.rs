@@ -269,6 +269,11 @@ async fn the_kubernetes_orchestrator_runs_volumes_as_pods_on_a_real_api_server()
         "--create-namespace",
         "--set",
         "volumeSnapshotClass.create=false",
+        // Node n3 keeps replicas elsewhere; every disk offers 1 GiB.
+        "--set",
+        "disks.perNode.n3=/srv/disk3",
+        "--set",
+        "disks.capacity=1Gi",
     ]);
     assert!(out.status.success(), "helm install: {}", String::from_utf8_lossy(&out.stderr));
     k.ok(&["wait", "--for=condition=established", "--timeout=60s", "crd/volumes.barnacle.dev"]);
@@ -320,11 +325,18 @@ async fn the_kubernetes_orchestrator_runs_volumes_as_pods_on_a_real_api_server()
     assert!(m["replicas"].as_array().unwrap().iter().all(|r| r["state"] == "healthy"), "{cr}");
     assert!(exists(&k, &["secret", &format!("{vid}-token")]), "the token is a Secret");
     assert!(!k.ok(&["-n", NS, "get", "volumes.barnacle.dev", &vid, "-o", "yaml"]).contains("token:"));
+    let disk = |n: &FakeNode| n.path(if n.name == "n3" { "/srv/disk3" } else { "/var/lib/barnacle/disk" });
     for n in &nodes {
-        let dir = n.path("/var/lib/barnacle/disk");
-        let held = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
-        assert_eq!(held, 1, "{}: one replica directory in {}", n.name, dir.display());
+        let held = std::fs::read_dir(disk(n)).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(held, 1, "{}: one replica directory in {}", n.name, disk(n).display());
     }
+    // The disks' capacity comes from the ConfigMap: a thick volume larger than 1 GiB fits nowhere.
+    let mut thick = req.clone();
+    thick.name = "pvc-too-big".into();
+    thick.capacity_range = Some(csi::CapacityRange { required_bytes: 2 << 30, limit_bytes: 0 });
+    thick.parameters.insert("thin".into(), "false".into());
+    let err = retry!(c.create_volume(thick.clone())).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     // Repeating the create returns the same volume.
     let again = retry!(c.create_volume(req.clone())).unwrap().into_inner().volume.unwrap();
     assert_eq!(again.volume_id, vid);
@@ -442,9 +454,8 @@ async fn the_kubernetes_orchestrator_runs_volumes_as_pods_on_a_real_api_server()
     assert!(!exists(&k, &["volumes.barnacle.dev", &vid]));
     assert!(!exists(&k, &["secret", &format!("{vid}-token")]));
     for n in &nodes {
-        let dir = n.path("/var/lib/barnacle/disk");
-        let held: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
-        assert!(held.is_empty(), "{}: {held:?} left in {}", n.name, dir.display());
+        let held: Vec<_> = std::fs::read_dir(disk(n)).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(held.is_empty(), "{}: {held:?} left in {}", n.name, disk(n).display());
     }
     drop(standby);
     kubelet.stop().await;
