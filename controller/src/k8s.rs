@@ -135,6 +135,17 @@ pub fn parse_quantity(s: &str) -> Option<u64> {
     Some((n * mult) as u64)
 }
 
+/// `ADDR:PORT`, with an IPv6 address in brackets.
+pub fn host_port(addr: &str, port: u16) -> String {
+    if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") }
+}
+
+/// The capability replicas and engines need to mark themselves as IO flushers (PR_SET_IO_FLUSHER,
+/// DESIGN rule 12), so memory reclaim under pressure does not wait on their own IO.
+fn data_plane_security() -> serde_json::Value {
+    serde_json::json!({ "allowPrivilegeEscalation": false, "capabilities": { "add": ["SYS_RESOURCE"] } })
+}
+
 /// Whether the node may get new replicas and engines: Ready and schedulable.
 fn node_usable(n: &Node) -> bool {
     let ready = n
@@ -323,12 +334,13 @@ impl KubeOrchestrator {
         owner: serde_json::Value,
     ) -> Result<Pod> {
         let id = &volume.id;
+        let addr = self.address(id, &r.node)?;
         let mut args = vec![
             format!("--dir={DISK_MOUNT}/{id}-{}", r.id),
             format!("--volume-id={id}"),
             format!("--token-file={TOKEN_DIR}/token"),
-            format!("--listen=$(NODE_IP):{port}"),
-            format!("--mgmt-listen=$(NODE_IP):{}", port + 1),
+            format!("--listen={}", host_port(&addr, port)),
+            format!("--mgmt-listen={}", host_port(&addr, port + 1)),
         ];
         if let Some(size) = create_size {
             args.push(format!("--size={size}"));
@@ -359,7 +371,7 @@ impl KubeOrchestrator {
                     "imagePullPolicy": self.cfg.image_pull_policy,
                     "command": ["barnacle-replica"],
                     "args": args,
-                    "env": [{ "name": "NODE_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.hostIP" } } }],
+                    "securityContext": data_plane_security(),
                     "ports": [
                         { "name": "data", "containerPort": port, "hostPort": port },
                         { "name": "mgmt", "containerPort": port + 1, "hostPort": port + 1 },
@@ -397,14 +409,16 @@ impl KubeOrchestrator {
         owner: serde_json::Value,
     ) -> Result<Pod> {
         let id = &volume.id;
+        let addr = self.address(id, &att.node)?;
         let mut args = vec![
             format!("--volume-id={id}"),
             format!("--token-file={TOKEN_DIR}/token"),
             format!("--kube-namespace={}", self.cfg.namespace),
+            format!("--generation={}", att.generation),
             format!("--nbd-socket={}", self.nbd_socket(id, att.generation)),
             format!("--min-healthy-replicas={}", volume.params.min_healthy_replicas),
-            format!("--mgmt-listen=$(NODE_IP):{port}"),
-            format!("--metrics-listen=$(NODE_IP):{}", port + 1),
+            format!("--mgmt-listen={}", host_port(&addr, port)),
+            format!("--metrics-listen={}", host_port(&addr, port + 1)),
         ];
         if att.readonly {
             args.push("--read-only".to_owned());
@@ -441,7 +455,7 @@ impl KubeOrchestrator {
                     "imagePullPolicy": self.cfg.image_pull_policy,
                     "command": ["barnacle-engine"],
                     "args": args,
-                    "env": [{ "name": "NODE_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.hostIP" } } }],
+                    "securityContext": data_plane_security(),
                     "ports": [
                         { "name": "mgmt", "containerPort": port, "hostPort": port },
                         { "name": "metrics", "containerPort": port + 1, "hostPort": port + 1 },
@@ -605,6 +619,25 @@ impl Orchestrator for KubeOrchestrator {
         Some(self.cfg.ports.clone())
     }
 
+    async fn ports_held(&self, node: &str) -> Result<std::collections::BTreeSet<u16>> {
+        let lp = ListParams::default()
+            .labels("app.kubernetes.io/managed-by=barnacle-controller")
+            .fields(&format!("spec.nodeName={node}"));
+        let pods = self
+            .pods
+            .list(&lp)
+            .await
+            .map_err(|e| ControllerError::Unavailable(format!("listing the pods on node {node}: {e}")))?;
+        Ok(pods
+            .items
+            .iter()
+            .filter_map(|p| p.spec.as_ref())
+            .flat_map(|s| s.containers.iter())
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(|p| p.host_port.and_then(|h| u16::try_from(h).ok()))
+            .collect())
+    }
+
     fn check(&self) -> Result<()> {
         let view = self.view.read();
         match (&view.error, view.synced) {
@@ -689,7 +722,10 @@ impl Orchestrator for KubeOrchestrator {
         } else {
             warn!(volume_id = %id, replica = %replica.id, node = %replica.node, "the replica's node is not ready");
         }
-        Ok(ReplicaEndpoint { data: format!("{addr}:{port}"), mgmt: format!("http://{addr}:{}", port + 1) })
+        Ok(ReplicaEndpoint {
+            data: host_port(&addr, port),
+            mgmt: format!("http://{}", host_port(&addr, port + 1)),
+        })
     }
 
     fn adopt_replica(&self, _volume: &VolumeRecord, _replica: &ReplicaPlacement) {
@@ -754,7 +790,7 @@ impl Orchestrator for KubeOrchestrator {
         self.wait_ready(id, &Self::engine_pod_name(id, attachment.generation)).await?;
         let ep = EngineEndpoint {
             nbd_socket: self.nbd_socket(id, attachment.generation).into(),
-            mgmt: format!("http://{addr}:{port}"),
+            mgmt: format!("http://{}", host_port(&addr, port)),
             generation: attachment.generation,
         };
         self.engines.lock().insert(id.clone(), ep.clone());

@@ -1,8 +1,9 @@
-//! Leader election among controller replicas with a `coordination.k8s.io` Lease: the holder
-//! renews it every few seconds; another replica takes it once it has not been renewed for its
-//! duration. Every change of the Lease carries the `resourceVersion` read, so two candidates
-//! cannot both win. A leader that cannot renew in time stops leading (the process exits, and
-//! Kubernetes restarts it as a candidate).
+//! Leader election among controllers with a `coordination.k8s.io` Lease: the holder renews it
+//! every few seconds; another candidate takes it once it has seen it unchanged for the lease's
+//! duration (by its own monotonic clock, so clock skew between nodes does not matter). Every
+//! change of the Lease carries the `resourceVersion` read, so two candidates cannot both win. A
+//! leader that cannot renew within its deadline, shorter than the duration, exits at once, and
+//! Kubernetes restarts it as a candidate.
 
 use std::time::Duration;
 
@@ -11,8 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// How a candidate takes part.
 #[derive(Debug, Clone)]
@@ -21,30 +21,48 @@ pub struct Election {
     pub lease: String,
     /// Unique per process (the pod name and a random suffix).
     pub identity: String,
+    /// How long a lease not seen to change stays with its holder.
     pub lease_duration: Duration,
-    pub renew_every: Duration,
+    /// The holder stops leading when it has not renewed for this long (shorter than
+    /// `lease_duration`, so it stops before anyone may take over).
+    pub renew_deadline: Duration,
+    pub retry_every: Duration,
 }
 
 fn now() -> MicroTime {
     MicroTime(Timestamp::now())
 }
 
-/// Whether the lease is free for `me`: unheld, mine, or not renewed for its duration.
-fn available(spec: &LeaseSpec, me: &str, at: Timestamp) -> bool {
+/// The lease as last seen, and since when (by this process's monotonic clock): expiry is judged
+/// by how long the lease stayed unchanged here, not by comparing another node's clock.
+#[derive(Debug, Default)]
+struct Observed {
+    seen: Option<(String, Option<MicroTime>)>,
+    since: Option<std::time::Instant>,
+}
+
+impl Observed {
+    /// Records the lease's holder and renew time; true when it has not changed for `duration`.
+    fn expired(&mut self, spec: &LeaseSpec, duration: Duration) -> bool {
+        let key = (spec.holder_identity.clone().unwrap_or_default(), spec.renew_time.clone());
+        if self.seen.as_ref() != Some(&key) {
+            self.seen = Some(key);
+            self.since = Some(std::time::Instant::now());
+            return false;
+        }
+        self.since.is_some_and(|t| t.elapsed() > duration)
+    }
+}
+
+/// Whether the lease is free for `me`: unheld, mine, or expired.
+fn available(spec: &LeaseSpec, me: &str, expired: bool) -> bool {
     let holder = spec.holder_identity.as_deref().unwrap_or("");
-    if holder.is_empty() || holder == me {
-        return true;
-    }
-    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-    match &spec.renew_time {
-        Some(t) => at.as_second() > t.0.as_second() + duration,
-        None => true,
-    }
+    holder.is_empty() || holder == me || expired
 }
 
 impl Election {
     /// Takes or renews the lease once; true when this process holds it afterwards.
-    async fn try_hold(&self, api: &Api<Lease>) -> Result<bool, kube::Error> {
+    async fn try_hold(&self, api: &Api<Lease>, observed: &mut Observed) -> Result<bool, kube::Error> {
         let secs = i32::try_from(self.lease_duration.as_secs()).unwrap_or(15);
         match api.get_opt(&self.lease).await? {
             None => {
@@ -67,7 +85,8 @@ impl Election {
             }
             Some(mut lease) => {
                 let mut spec = lease.spec.clone().unwrap_or_default();
-                if !available(&spec, &self.identity, Timestamp::now()) {
+                let expired = observed.expired(&spec, self.lease_duration);
+                if !available(&spec, &self.identity, expired) {
                     return Ok(false);
                 }
                 if spec.holder_identity.as_deref() != Some(&self.identity) {
@@ -88,47 +107,50 @@ impl Election {
         }
     }
 
-    /// Waits until this process holds the lease, then keeps renewing it in the background; the
-    /// returned token fires when leadership is lost.
-    pub async fn lead(self, client: Client) -> CancellationToken {
+    /// Waits until this process holds the lease, then keeps renewing it in the background. When
+    /// it cannot renew within the deadline, or another holder appears, the process exits at once:
+    /// nothing it has in flight may finish under another leader.
+    pub async fn lead(self, client: Client) {
         let api: Api<Lease> = Api::namespaced(client, &self.namespace);
+        let mut observed = Observed::default();
         let mut waiting_logged = false;
         loop {
-            match self.try_hold(&api).await {
-                Ok(true) => break,
-                Ok(false) if !waiting_logged => {
+            let attempt = tokio::time::timeout(self.renew_deadline, self.try_hold(&api, &mut observed)).await;
+            match attempt {
+                Ok(Ok(true)) => break,
+                Ok(Ok(false)) if !waiting_logged => {
                     info!(lease = %self.lease, identity = %self.identity, "waiting to lead");
                     waiting_logged = true;
                 }
-                Ok(false) => {}
-                Err(e) => warn!(lease = %self.lease, error = %e, "leader election failed; retrying"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => warn!(lease = %self.lease, error = %e, "leader election failed; retrying"),
+                Err(_) => warn!(lease = %self.lease, "leader election timed out; retrying"),
             }
-            tokio::time::sleep(self.renew_every).await;
+            tokio::time::sleep(self.retry_every).await;
         }
         info!(lease = %self.lease, identity = %self.identity, "leading");
-        let lost = CancellationToken::new();
-        let token = lost.clone();
         tokio::spawn(async move {
-            let mut last = tokio::time::Instant::now();
+            // Measured from before the request that renewed: the server's renew time is later.
+            let mut renewed = tokio::time::Instant::now();
             loop {
-                tokio::time::sleep(self.renew_every).await;
-                match self.try_hold(&api).await {
-                    Ok(true) => last = tokio::time::Instant::now(),
-                    Ok(false) => {
-                        warn!(lease = %self.lease, "another controller took the lease");
-                        break;
+                tokio::time::sleep(self.retry_every).await;
+                let started = tokio::time::Instant::now();
+                let budget = self.renew_deadline.saturating_sub(renewed.elapsed());
+                match tokio::time::timeout(budget, self.try_hold(&api, &mut observed)).await {
+                    Ok(Ok(true)) => renewed = started,
+                    Ok(Ok(false)) => {
+                        error!(lease = %self.lease, "another controller took the lease; exiting");
+                        std::process::exit(1);
                     }
-                    Err(e) => warn!(lease = %self.lease, error = %e, "renewing the lease failed"),
+                    Ok(Err(e)) => warn!(lease = %self.lease, error = %e, "renewing the lease failed"),
+                    Err(_) => warn!(lease = %self.lease, "renewing the lease timed out"),
                 }
-                // Stop before another candidate may take it.
-                if last.elapsed() + self.renew_every >= self.lease_duration {
-                    warn!(lease = %self.lease, "the lease could not be renewed in time");
-                    break;
+                if renewed.elapsed() >= self.renew_deadline {
+                    error!(lease = %self.lease, "the lease could not be renewed in time; exiting");
+                    std::process::exit(1);
                 }
             }
-            lost.cancel();
         });
-        token
     }
 }
 
@@ -137,17 +159,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_lease_is_taken_only_when_free_or_expired() {
-        let at = Timestamp::from_second(1_000).unwrap_or(Timestamp::UNIX_EPOCH);
+    fn a_lease_is_taken_only_when_free_or_unchanged_for_its_duration() {
         let held = |renewed: i64| LeaseSpec {
             holder_identity: Some("other".into()),
             lease_duration_seconds: Some(15),
             renew_time: Some(MicroTime(Timestamp::from_second(renewed).unwrap_or(Timestamp::UNIX_EPOCH))),
             ..LeaseSpec::default()
         };
-        assert!(!available(&held(990), "me", at), "renewed 10 s ago, within 15 s");
-        assert!(available(&held(980), "me", at), "renewed 20 s ago: expired");
-        assert!(available(&held(999), "other", at), "the holder renews its own");
-        assert!(available(&LeaseSpec::default(), "me", at), "no holder");
+        let d = Duration::from_millis(50);
+        let mut o = Observed::default();
+        assert!(!o.expired(&held(1), d), "first seen");
+        assert!(!available(&held(1), "me", o.expired(&held(1), d)), "held, seen just now");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(available(&held(1), "me", o.expired(&held(1), d)), "unchanged for longer than the lease");
+        assert!(!o.expired(&held(2), d), "renewed: the clock starts again");
+        assert!(available(&held(2), "other", false), "the holder renews its own");
+        assert!(available(&LeaseSpec::default(), "me", false), "no holder");
     }
 }

@@ -16,7 +16,7 @@ use barnacle_controller::service::{Service, ServiceConfig};
 use barnacle_controller::store::RocksStore;
 use barnacle_replica::process;
 use clap::Parser;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 /// Where the volumes' replicas and engines run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -115,8 +115,10 @@ fn parse_resources(s: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     for part in s.split(',').filter(|p| !p.trim().is_empty()) {
         match part.split_once('=') {
-            Some((k @ ("cpu" | "memory"), v)) if !v.is_empty() => {
-                out.insert(k.to_owned(), v.to_owned());
+            Some((k @ ("cpu" | "memory"), v)) => {
+                if !v.is_empty() {
+                    out.insert(k.to_owned(), v.to_owned());
+                }
             }
             _ => return Err(format!("{part:?}: expected cpu=QUANTITY or memory=QUANTITY")),
         }
@@ -166,7 +168,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         }
         OrchestratorKind::Kubernetes => {
             let namespace = args.namespace.clone().context("give --namespace")?;
-            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+            let client = barnacle_engine::k8s::client().await.context("connecting to the Kubernetes API")?;
             let rt = tokio::runtime::Handle::current();
             let store = KubeStore::new(client.clone(), &namespace, rt.clone());
             let orch = Arc::new(KubeOrchestrator::new(
@@ -202,7 +204,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                     }
                 });
             }
-            let lost_lease = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let start: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
                 if args.leader_election {
                     let election = Election {
@@ -214,29 +215,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                             &uuid::Uuid::new_v4().simple().to_string()[..8]
                         ),
                         lease_duration: Duration::from_secs(15),
-                        renew_every: Duration::from_secs(4),
+                        renew_deadline: Duration::from_secs(10),
+                        retry_every: Duration::from_secs(2),
                     };
-                    let (stop, flag) = (shutdown.clone(), lost_lease.clone());
-                    Box::pin(async move {
-                        let lost = election.lead(client).await;
-                        // Losing the lease ends this process: a restarted one is a candidate again.
-                        tokio::spawn(async move {
-                            lost.cancelled().await;
-                            error!("leadership lost; exiting");
-                            flag.store(true, std::sync::atomic::Ordering::Relaxed);
-                            stop.cancel();
-                        });
-                    })
+                    Box::pin(election.lead(client))
                 } else {
                     Box::pin(std::future::ready(()))
                 };
             let listener = listen(&args, &socket)?;
             info!(endpoint = %socket.display(), namespace, "controller serving (Kubernetes)");
             barnacle_controller::run(listener, service, shutdown.clone(), start).await?;
-            anyhow::ensure!(
-                !lost_lease.load(std::sync::atomic::Ordering::Relaxed),
-                "leadership lost: exiting so that a restart runs as a candidate"
-            );
         }
     }
     Ok(())

@@ -43,6 +43,15 @@ pub trait Orchestrator: Send + Sync + 'static {
         None
     }
 
+    /// Host ports held on `node` by what runs there now, beyond the records (a pod still stopping
+    /// keeps its ports until it is gone).
+    fn ports_held(
+        &self,
+        _node: &str,
+    ) -> impl Future<Output = Result<std::collections::BTreeSet<u16>>> + Send {
+        async { Ok(std::collections::BTreeSet::new()) }
+    }
+
     /// Fails when the orchestrator cannot start anything (for Probe).
     fn check(&self) -> Result<()>;
 

@@ -79,10 +79,10 @@ fn vkey(id: &str) -> String {
     format!("volume/{id}")
 }
 
-/// A new id: a prefix and 16 hex digits (short, because node paths and socket names carry it).
 /// How long a reconcile pass waits for one volume's processes.
 const RECONCILE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// A new id: a prefix and 16 hex digits (short, because node paths and socket names carry it).
 fn new_id(prefix: &str) -> String {
     let u = Uuid::new_v4().simple().to_string();
     format!("{prefix}-{}", &u[..16])
@@ -385,7 +385,7 @@ impl<O: Orchestrator> Service<O> {
                 return Ok(existing);
             }
             info!(volume_id = %existing.id, name = %req.name, "finishing an interrupted create");
-            return self.build_volume(existing).await;
+            return self.build_volume(existing, true).await;
         }
 
         // The source decides where clone replicas go: beside the source's in-sync replicas.
@@ -452,7 +452,7 @@ impl<O: Orchestrator> Service<O> {
         }
         let mut replicas = Vec::with_capacity(placed.len());
         for (i, node) in placed.into_iter().enumerate() {
-            let port = self.assign_port(&all, &node)?;
+            let port = self.assign_port(&all, &node).await?;
             replicas.push(ReplicaPlacement { id: format!("r{i}"), node, port });
         }
         let v = VolumeRecord {
@@ -471,22 +471,22 @@ impl<O: Orchestrator> Service<O> {
         self.put_volume(&v).await?;
         drop(placing);
         info!(volume_id = %v.id, name = %v.name, size, replicas = ?v.replicas, source = ?v.source, "creating volume");
-        self.build_volume(v).await
+        self.build_volume(v, false).await
     }
 
-    /// A free pair of host ports on `node` when the orchestrator uses them (call with the
-    /// placement lock held, `all` read under it).
-    fn assign_port(&self, all: &[VolumeRecord], node: &str) -> Result<Option<u16>> {
+    /// A free pair of host ports on `node` when the orchestrator uses them: free in the records
+    /// and on the node (call with the placement lock held, `all` read under it).
+    async fn assign_port(&self, all: &[VolumeRecord], node: &str) -> Result<Option<u16>> {
         let Some(range) = self.orch.ports() else { return Ok(None) };
-        crate::store::free_port_pair(&range, &crate::store::ports_on_node(all, node)).map(Some).ok_or_else(
-            || {
-                ControllerError::ResourceExhausted(format!(
-                    "node {node} has no free port pair in {}-{}",
-                    range.start(),
-                    range.end()
-                ))
-            },
-        )
+        let mut taken = crate::store::ports_on_node(all, node);
+        taken.extend(self.orch.ports_held(node).await?);
+        crate::store::free_port_pair(&range, &taken).map(Some).ok_or_else(|| {
+            ControllerError::ResourceExhausted(format!(
+                "node {node} has no free port pair in {}-{}",
+                range.start(),
+                range.end()
+            ))
+        })
     }
 
     /// The volume's membership record (a blocking read, done off the async threads).
@@ -514,8 +514,10 @@ impl<O: Orchestrator> Service<O> {
 
     /// Makes the replicas of a volume in state Creating (from scratch: a repeat first removes what
     /// an interrupted attempt left), writes its first membership record, and marks it Ready.
-    async fn build_volume(&self, mut v: VolumeRecord) -> Result<VolumeRecord> {
-        self.remove_replicas(&v).await?;
+    async fn build_volume(&self, mut v: VolumeRecord, resumed: bool) -> Result<VolumeRecord> {
+        if resumed {
+            self.remove_replicas(&v).await?;
+        }
         self.orch.create_token(&v.id).await?;
         let result = self.make_replicas(&v).await;
         self.cloning.lock().remove(&v.id);
@@ -843,7 +845,7 @@ impl<O: Orchestrator> Service<O> {
             None => {
                 let placing = self.placing.lock().await;
                 let port = match self.orch.ports() {
-                    Some(_) => self.assign_port(&self.db(|s| s.volumes()).await?, &p.node)?,
+                    Some(_) => self.assign_port(&self.db(|s| s.volumes()).await?, &p.node).await?,
                     None => None,
                 };
                 let a = Attachment {

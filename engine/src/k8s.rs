@@ -106,6 +106,16 @@ impl MembershipStatus {
     }
 }
 
+/// A client of the Kubernetes API (from `$KUBECONFIG` or the pod's service account) whose
+/// requests time out: a call that hangs must not hang an IO or a leader.
+pub async fn client() -> Result<kube::Client, kube::Error> {
+    let mut cfg = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
+    cfg.connect_timeout = Some(std::time::Duration::from_secs(5));
+    cfg.read_timeout = Some(std::time::Duration::from_secs(15));
+    cfg.write_timeout = Some(std::time::Duration::from_secs(15));
+    kube::Client::try_from(cfg)
+}
+
 /// The `volumes.barnacle.dev` resource, untyped (the typed one lives in the controller).
 pub fn volume_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, "Volume"), "volumes")
@@ -117,6 +127,9 @@ pub struct KubeAuthority {
     api: kube::Api<DynamicObject>,
     volume_id: String,
     rt: tokio::runtime::Handle,
+    /// An engine's attachment generation: its writes are refused once the volume's record
+    /// names another (a newer publication, or none).
+    generation: Option<u64>,
 }
 
 impl std::fmt::Debug for KubeAuthority {
@@ -145,7 +158,19 @@ impl KubeAuthority {
             api: kube::Api::namespaced_with(client, namespace, &volume_resource()),
             volume_id: volume_id.to_owned(),
             rt,
+            generation: None,
         }
+    }
+
+    /// The authority of an engine serving the attachment of `generation`: a write fails with
+    /// `Conflict` once the volume's record (`spec.attachment.generation`, read in the same
+    /// request the write's `resourceVersion` comes from) names another. An engine left running
+    /// on a node that was cut off, and restarted there after the volume was published elsewhere,
+    /// so cannot take the volume back (rules 1 and 10).
+    #[must_use]
+    pub fn for_generation(mut self, generation: u64) -> KubeAuthority {
+        self.generation = Some(generation);
+        self
     }
 
     fn block_on<T>(
@@ -191,6 +216,14 @@ impl MembershipAuthority for KubeAuthority {
                 let found = self.status_of(&obj)?.map(|s| s.version);
                 if found != expected {
                     return Err(AuthorityError::Conflict { expected, found });
+                }
+                if let Some(mine) = self.generation {
+                    let current = obj.data.pointer("/spec/attachment/generation").and_then(serde_json::Value::as_u64);
+                    if current != Some(mine) {
+                        tracing::warn!(volume_id = %self.volume_id, generation = mine, current = ?current,
+                            "the volume is published anew: this engine's writes are refused");
+                        return Err(AuthorityError::Conflict { expected, found });
+                    }
                 }
                 let version = found.unwrap_or(0) + 1;
                 let status = serde_json::to_value(MembershipStatus::new(version, new)).map_err(unavailable)?;

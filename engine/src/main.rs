@@ -34,6 +34,10 @@ struct Args {
     /// volume id) in this namespace, reached with the pod's service account or $KUBECONFIG.
     #[arg(long)]
     kube_namespace: Option<String>,
+    /// With --kube-namespace: the attachment generation this engine serves; its membership writes
+    /// are refused once the volume's record names another.
+    #[arg(long, requires = "kube_namespace")]
+    generation: Option<u64>,
     /// Serve NBD on this TCP address (development and tests).
     #[arg(long)]
     nbd_listen: Option<String>,
@@ -112,9 +116,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     };
     let authority: Arc<dyn MembershipAuthority> = match (&args.kube_namespace, &args.state_dir) {
         (Some(ns), _) => {
-            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+            let client = barnacle_engine::k8s::client().await.context("connecting to the Kubernetes API")?;
             let rt = tokio::runtime::Handle::current();
-            Arc::new(barnacle_engine::k8s::KubeAuthority::new(client, ns, &args.volume_id, rt))
+            let a = barnacle_engine::k8s::KubeAuthority::new(client, ns, &args.volume_id, rt);
+            Arc::new(match args.generation {
+                Some(g) => a.for_generation(g),
+                None => a,
+            })
         }
         (None, Some(dir)) => Arc::new(FileAuthority::new(dir)?),
         (None, None) => anyhow::bail!("give --state-dir or --kube-namespace"),

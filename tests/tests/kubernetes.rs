@@ -385,6 +385,7 @@ async fn the_kubernetes_orchestrator_runs_volumes_as_pods_on_a_real_api_server()
     assert!(m["epoch"].as_u64().unwrap() >= 1 && m["engine_id"].is_string(), "the engine took an epoch: {m}");
 
     // A replica pod that dies is recreated, and the engine brings the replica back in.
+    let epoch_before = m["epoch"].as_u64().unwrap();
     let r2 = volume_pods(&k, &vid).into_iter().find(|p| p.0 == format!("{vid}-r2")).unwrap();
     k.ok(&["-n", NS, "delete", "pod", &r2.0, "--grace-period=0", "--force"]);
     wait_for("the replica pod to be recreated", 60, || {
@@ -392,9 +393,10 @@ async fn the_kubernetes_orchestrator_runs_volumes_as_pods_on_a_real_api_server()
     })
     .await;
     qemu_io(&uri, &["write -P 0x77 8M 1M", "read -P 0x5a 0 1M", "read -P 0x77 8M 1M"]);
-    wait_for("all three replicas to be healthy again", 90, || {
-        let m = get_json(&k, &["volumes.barnacle.dev", &vid]);
-        m["status"]["membership"]["replicas"].as_array().unwrap().iter().all(|r| r["state"] == "healthy")
+    wait_for("all three replicas to be healthy again after an ejection", 90, || {
+        let m = &get_json(&k, &["volumes.barnacle.dev", &vid])["status"]["membership"];
+        m["epoch"].as_u64().unwrap() > epoch_before
+            && m["replicas"].as_array().unwrap().iter().all(|r| r["state"] == "healthy")
     })
     .await;
 
@@ -522,21 +524,36 @@ async fn the_membership_authority_is_a_compare_and_set_on_the_volume_resource() 
     let stale = blocking(Box::new(move || a2.compare_and_set(None, &r2))).await.unwrap();
     assert!(matches!(stale, Err(AuthorityError::Conflict { found: Some(v), .. }) if v == v1), "{stale:?}");
 
-    // A change of the spec in between does not make a writer lose.
-    k.ok(&[
-        "-n",
-        NS,
-        "patch",
-        "volumes.barnacle.dev",
-        vid,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"generation":9}}"#,
-    ]);
-    let (a2, mut r2) = (a.clone(), record.clone());
-    r2.epoch = 5;
-    let v2 = blocking(Box::new(move || a2.compare_and_set(Some(v1), &r2))).await.unwrap().unwrap();
-    assert_eq!(v2, v1 + 1);
+    // Changes of the spec meanwhile (the controller's) do not make a writer lose: it reads again.
+    let volumes: kube::Api<kube::api::DynamicObject> =
+        kube::Api::namespaced_with(k.client().await, NS, &barnacle_engine::k8s::volume_resource());
+    let spec_writer = tokio::spawn(async move {
+        for i in 0..200u64 {
+            let patch = serde_json::json!({ "spec": { "created_unix": 1_795_000_000 + i } });
+            let pp = kube::api::PatchParams::default();
+            volumes.patch(vid, &pp, &kube::api::Patch::Merge(&patch)).await.unwrap();
+        }
+    });
+    let mut v2 = v1;
+    while !spec_writer.is_finished() {
+        let (a2, mut r2) = (a.clone(), record.clone());
+        r2.epoch = 5 + v2;
+        let next = blocking(Box::new(move || a2.compare_and_set(Some(v2), &r2))).await.unwrap().unwrap();
+        assert_eq!(next, v2 + 1);
+        v2 = next;
+    }
+    spec_writer.await.unwrap();
+    assert!(v2 > v1 + 2, "writes went on while the spec changed");
+
+    // An engine of another attachment generation than the record's (3 in the sample) is refused:
+    // a deposed engine restarted on a cut-off node cannot take the volume back.
+    let (stale, r2) = (authority(&client).for_generation(2), record.clone());
+    let refused = blocking(Box::new(move || stale.compare_and_set(Some(v2), &r2))).await.unwrap();
+    assert!(matches!(refused, Err(AuthorityError::Conflict { .. })), "{refused:?}");
+    let (current, r2) = (authority(&client).for_generation(3), record.clone());
+    let v3 = blocking(Box::new(move || current.compare_and_set(Some(v2), &r2))).await.unwrap().unwrap();
+    assert_eq!(v3, v2 + 1);
+    let v2 = v3;
 
     // Concurrent writers from the same version, each with its own client: exactly one wins.
     let mut version = v2;
