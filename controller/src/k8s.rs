@@ -651,11 +651,7 @@ impl Orchestrator for KubeOrchestrator {
         if let Ok(t) = self.token(volume_id).await {
             return Ok(t);
         }
-        let token: String = {
-            use rand::Rng;
-            let bytes: [u8; 32] = rand::rng().random();
-            bytes.iter().map(|b| format!("{b:02x}")).collect()
-        };
+        let token = crate::orchestrator::new_token();
         let secret = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Secret",
@@ -838,6 +834,13 @@ impl Orchestrator for KubeOrchestrator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_addresses_bracket_ipv6() {
+        assert_eq!(host_port("10.0.0.5", 20000), "10.0.0.5:20000");
+        assert_eq!(host_port("fd00::5", 20000), "[fd00::5]:20000");
+        assert!(barnacle_engine::valid_replica_address(&host_port("fd00::5", 20000)));
+    }
 
     #[test]
     fn quantities_parse() {

@@ -335,11 +335,7 @@ impl Orchestrator for LocalOrchestrator {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(orch(&vid, format!("reading its token: {e}"))),
             }
-            let token: String = {
-                use rand::Rng;
-                let bytes: [u8; 32] = rand::rng().random();
-                bytes.iter().map(|b| format!("{b:02x}")).collect()
-            };
+            let token = crate::orchestrator::new_token();
             let tmp = path.with_extension("tmp");
             let mut f = std::fs::OpenOptions::new()
                 .create(true)

@@ -31,6 +31,13 @@ pub struct EngineEndpoint {
     pub generation: u64,
 }
 
+/// A new volume token: 32 random bytes in hex.
+pub fn new_token() -> String {
+    use rand::Rng;
+    let bytes: [u8; 32] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Runs a volume's processes.
 pub trait Orchestrator: Send + Sync + 'static {
     /// The nodes that can hold replicas and run engines.
