@@ -38,6 +38,9 @@ EVERYTHING_ON = [
     "--set", "disks.perNode.node-a=/mnt/nvme0/barnacle",
     "--set", "imagePullSecrets[0].name=registry",
     "--set", "controller.nodeSelector.role=infra",
+    "--set", "dataPlane.priorityClassName=barnacle-data",
+    "--set", "disks.capacity=500Gi",
+    "--set", "disks.perNodeCapacity.node-a=2Ti",
 ]
 
 failures = []

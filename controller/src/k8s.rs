@@ -68,6 +68,10 @@ pub struct KubeConfig {
     pub engine_resources: BTreeMap<String, String>,
     /// How long a pod may take to become ready.
     pub ready_timeout: Duration,
+    /// Secrets for pulling the image (the chart's `imagePullSecrets`).
+    pub image_pull_secrets: Vec<String>,
+    /// The priority class of replica and engine pods, if any.
+    pub priority_class: Option<String>,
 }
 
 /// What the controller knows of the cluster's nodes.
@@ -389,7 +393,23 @@ impl KubeOrchestrator {
                 ],
             },
         });
-        serde_json::from_value(pod).map_err(|e| orch(id, format!("building the replica pod: {e}")))
+        serde_json::from_value(self.finish(pod))
+            .map_err(|e| orch(id, format!("building the replica pod: {e}")))
+    }
+
+    /// What every pod of the controller's gets: pull secrets, and the priority class for the
+    /// data plane (not for wipe pods, which run once).
+    fn finish(&self, mut pod: serde_json::Value) -> serde_json::Value {
+        let spec = &mut pod["spec"];
+        if !self.cfg.image_pull_secrets.is_empty() {
+            spec["imagePullSecrets"] =
+                self.cfg.image_pull_secrets.iter().map(|n| serde_json::json!({ "name": n })).collect();
+        }
+        let wipe = spec["restartPolicy"] == "OnFailure";
+        if let (Some(pc), false) = (&self.cfg.priority_class, wipe) {
+            spec["priorityClassName"] = pc.clone().into();
+        }
+        pod
     }
 
     fn engine_pod_name(volume_id: &str, generation: u64) -> String {
@@ -473,7 +493,8 @@ impl KubeOrchestrator {
                 ],
             },
         });
-        serde_json::from_value(pod).map_err(|e| orch(id, format!("building the engine pod: {e}")))
+        serde_json::from_value(self.finish(pod))
+            .map_err(|e| orch(id, format!("building the engine pod: {e}")))
     }
 
     fn wipe_pod_spec(&self, volume_id: &str, r: &ReplicaPlacement, owner: serde_json::Value) -> Result<Pod> {
@@ -506,7 +527,8 @@ impl KubeOrchestrator {
                 ],
             },
         });
-        serde_json::from_value(pod).map_err(|e| orch(volume_id, format!("building the wipe pod: {e}")))
+        serde_json::from_value(self.finish(pod))
+            .map_err(|e| orch(volume_id, format!("building the wipe pod: {e}")))
     }
 
     /// Creates `pod` unless a live pod of its name exists; a dead one is replaced.

@@ -88,6 +88,12 @@ struct Args {
     replica_resources: BTreeMap<String, String>,
     #[arg(long, default_value = "cpu=500m,memory=128Mi", value_parser = parse_resources)]
     engine_resources: BTreeMap<String, String>,
+    /// Kubernetes: a Secret for pulling the image; repeat for each.
+    #[arg(long = "image-pull-secret")]
+    image_pull_secrets: Vec<String>,
+    /// Kubernetes: the priority class of replica and engine pods.
+    #[arg(long)]
+    priority_class: Option<String>,
     /// Kubernetes: seconds a pod may take to become ready.
     #[arg(long, default_value_t = 120)]
     pod_ready_timeout: u64,
@@ -184,6 +190,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                     replica_resources: args.replica_resources.clone(),
                     engine_resources: args.engine_resources.clone(),
                     ready_timeout: Duration::from_secs(args.pod_ready_timeout),
+                    image_pull_secrets: args.image_pull_secrets.clone(),
+                    priority_class: args.priority_class.clone().filter(|p| !p.is_empty()),
                 },
                 rt,
             ));

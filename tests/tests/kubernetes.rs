@@ -238,6 +238,8 @@ fn controller(root: &Path, name: &str, kubeconfig: &Path) -> ControllerProcess {
         "--pod-ready-timeout=60",
         "--leader-election=true",
         "--leader-election-lease=barnacle-controller",
+        "--image-pull-secret=regcred",
+        "--priority-class=barnacle-data",
     ];
     ControllerProcess::with_args(
         root,
@@ -287,6 +289,7 @@ async fn the_kubernetes_orchestrator_runs_volumes_as_pods_on_a_real_api_server()
         })
         .collect();
     k.apply(&nodes_yaml(&nodes));
+    k.apply("apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata:\n  name: barnacle-data\nvalue: 1000000\n");
     let (ctl_kc, engine_kc) =
         (root.path().join("controller.kubeconfig"), root.path().join("engine.kubeconfig"));
     k.write_kubeconfig(&ctl_kc, "controller-token");
@@ -317,6 +320,11 @@ async fn the_kubernetes_orchestrator_runs_volumes_as_pods_on_a_real_api_server()
     on.sort_unstable();
     assert_eq!(on, ["n1", "n2", "n3"], "one replica per node");
     assert!(!pods.iter().any(|p| p.1 == "wipe"), "wipe pods are removed once done: {pods:?}");
+    let spec = &get_json(&k, &["pod", &replicas[0].0])["spec"];
+    assert_eq!(spec["priorityClassName"], "barnacle-data", "{spec}");
+    assert_eq!(spec["imagePullSecrets"][0]["name"], "regcred");
+    assert_eq!(spec["hostNetwork"], true);
+    assert_eq!(spec["containers"][0]["securityContext"]["capabilities"]["add"][0], "SYS_RESOURCE");
     let cr = get_json(&k, &["volumes.barnacle.dev", &vid]);
     assert_eq!(cr["spec"]["name"], "pvc-k8s-1");
     assert_eq!(cr["spec"]["state"], "ready");
