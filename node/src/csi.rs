@@ -60,18 +60,30 @@ fn capability(c: Option<&csi::VolumeCapability>) -> Result<Capability, Status> {
         Err(_) => return Err(invalid(format!("access mode {mode} is not a CSI access mode"))),
     };
     match &c.access_type {
-        Some(csi::volume_capability::AccessType::Block(_)) => {
-            Ok(Capability { block: true, fs_type: None, mount_flags: Vec::new(), single_writer })
-        }
+        Some(csi::volume_capability::AccessType::Block(_)) => Ok(Capability {
+            block: true,
+            fs_type: None,
+            mount_flags: Vec::new(),
+            single_writer,
+            mount_group: None,
+        }),
         Some(csi::volume_capability::AccessType::Mount(m)) => {
             if !m.fs_type.is_empty() && !FILESYSTEMS.contains(&m.fs_type.as_str()) {
                 return Err(invalid(format!("fsType {} is not supported (ext4 or xfs)", m.fs_type)));
             }
+            let mount_group =
+                match m.volume_mount_group.as_str() {
+                    "" => None,
+                    g => Some(g.parse::<u32>().map_err(|_| {
+                        invalid(format!("volume_mount_group {g:?} is not a numeric group id"))
+                    })?),
+                };
             Ok(Capability {
                 block: false,
                 fs_type: Some(m.fs_type.clone()).filter(|f| !f.is_empty()),
                 mount_flags: m.mount_flags.clone(),
                 single_writer,
+                mount_group,
             })
         }
         None => Err(invalid("volume_capability has neither block nor mount")),
@@ -261,6 +273,7 @@ impl csi::node_server::Node for Node {
             Rpc::ExpandVolume,
             Rpc::VolumeCondition,
             Rpc::SingleNodeMultiWriter,
+            Rpc::VolumeMountGroup,
         ];
         Ok(Response::new(csi::NodeGetCapabilitiesResponse {
             capabilities: rpcs

@@ -29,6 +29,9 @@ pub struct Capability {
     pub mount_flags: Vec<String>,
     /// SINGLE_NODE_SINGLE_WRITER: one publication at a time.
     pub single_writer: bool,
+    /// VOLUME_MOUNT_GROUP: the group (the pod's fsGroup) a writable publication gives the
+    /// filesystem to.
+    pub mount_group: Option<u32>,
 }
 
 /// NodeStageVolume, validated.
@@ -275,6 +278,16 @@ impl NodeService {
                     "volume {vol} is not staged at {}",
                     p.staging_path.display()
                 )));
+            }
+            if let (Some(gid), false) = (p.capability.mount_group, p.readonly) {
+                let root = p.staging_path.clone();
+                let changed = tokio::task::spawn_blocking(move || sys::apply_fs_group(&root, gid))
+                    .await
+                    .map_err(|e| NodeError::Internal(e.to_string()))?
+                    .map_err(|e| NodeError::Internal(format!("giving volume {vol} to group {gid}: {e}")))?;
+                if changed {
+                    info!(volume_id = vol, gid, "volume given to the pod's group");
+                }
             }
             if sys::mount_at(&p.target_path)?.is_some() {
                 return Ok(());

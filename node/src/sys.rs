@@ -1,6 +1,7 @@
 //! The node's view of the kernel: mounts (from `/proc/self/mountinfo`), loop devices (from
-//! `/sys/block`), signatures on devices (`blkid -p`), and the external tools (mkfs, resize2fs,
-//! xfs_growfs, losetup), run asynchronously with their stderr in the error.
+//! `/sys/block`), signatures on devices (`blkid -p`), the external tools (mkfs, resize2fs,
+//! xfs_growfs, losetup), run asynchronously with their stderr in the error, and a volume's group
+//! ownership (VOLUME_MOUNT_GROUP).
 
 use std::path::{Path, PathBuf};
 
@@ -234,6 +235,44 @@ pub fn loop_devices() -> Vec<(PathBuf, PathBuf)> {
         }
     }
     out
+}
+
+/// Gives a mounted filesystem to group `gid` as the kubelet does for a pod's fsGroup: every file
+/// and directory on it (not below other mounts, not through symlinks) gets the group, group read
+/// and write (and search or execute where the owner has it), and directories the setgid bit so
+/// new files inherit the group. Skipped when the root already has the group and setgid (a
+/// repeated publication); the root changes last, so an interrupted walk is done again. Returns
+/// whether anything changed. Blocking.
+pub fn apply_fs_group(root: &Path, gid: u32) -> std::io::Result<bool> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const SETGID: u32 = 0o2000;
+    let top = std::fs::symlink_metadata(root)?;
+    if top.gid() == gid && top.mode() & SETGID != 0 {
+        return Ok(false);
+    }
+    let give = |path: &Path, meta: &std::fs::Metadata| -> std::io::Result<()> {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+        let mode = meta.mode() & 0o7777;
+        let exec = if meta.is_dir() || mode & 0o100 != 0 { 0o010 } else { 0 };
+        let setgid = if meta.is_dir() { SETGID } else { 0 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o060 | exec | setgid))
+    };
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let meta = std::fs::symlink_metadata(&path)?;
+            if meta.file_type().is_symlink() || meta.dev() != top.dev() {
+                continue;
+            }
+            give(&path, &meta)?;
+            if meta.is_dir() {
+                dirs.push(path);
+            }
+        }
+    }
+    give(root, &top)?;
+    Ok(true)
 }
 
 #[cfg(test)]

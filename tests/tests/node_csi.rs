@@ -589,6 +589,67 @@ async fn stats_follow_usage_and_the_engine_s_health() {
     env.assert_clean();
 }
 
+/// VOLUME_MOUNT_GROUP: a writable publication with a group (the pod's fsGroup, which the kubelet
+/// then delegates to the driver) gives every file and directory on the volume to it, as the
+/// kubelet would; a read-only one changes nothing; a group that is not a number is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_gives_the_filesystem_to_the_pod_s_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let env = Env::new(&[]).await;
+    let mut n = env.node();
+    let caps = n.node_get_capabilities(csi::NodeGetCapabilitiesRequest {}).await.unwrap().into_inner();
+    let advertised = caps.capabilities.iter().any(|c| {
+        matches!(&c.r#type, Some(csi::node_service_capability::Type::Rpc(r))
+            if r.r#type == csi::node_service_capability::rpc::Type::VolumeMountGroup as i32)
+    });
+    assert!(advertised, "VOLUME_MOUNT_GROUP is advertised");
+    let (vol, ctx, vctx) = env.volume("fsgroup", 64, &[("fsType", "ext4")]).await;
+    let (staging, a, b, c) =
+        (env.staging(&vol), env.target("pod-a", &vol), env.target("pod-b", &vol), env.target("pod-c", &vol));
+    stage(&mut n, &vol, &ctx, &vctx, &staging, mount_cap("ext4")).await.unwrap();
+    publish(&mut n, &vol, &staging, &a, mount_cap("ext4"), false).await.unwrap();
+    std::fs::create_dir_all(a.join("data/sub")).unwrap();
+    write_synced(&a.join("data/sub/file"), b"owned by root\n");
+    std::fs::set_permissions(a.join("data/sub/file"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", a.join("data/link")).unwrap();
+    let with_group = |g: &str| {
+        let mut cap = mount_cap("ext4");
+        if let Some(csi::volume_capability::AccessType::Mount(m)) = cap.access_type.as_mut() {
+            m.volume_mount_group = g.to_owned();
+        }
+        cap
+    };
+    let err = publish(&mut n, &vol, &staging, &b, with_group("staff"), false).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    publish(&mut n, &vol, &staging, &b, with_group("4321"), false).await.unwrap();
+    for (p, dir) in [
+        (b.clone(), true),
+        (b.join("data"), true),
+        (b.join("data/sub"), true),
+        (b.join("data/sub/file"), false),
+    ] {
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.gid(), 4321, "{}", p.display());
+        assert_eq!(m.mode() & 0o060, 0o060, "{}: group read and write", p.display());
+        assert_eq!(m.mode() & 0o2000 != 0, dir, "{}: setgid on directories only", p.display());
+    }
+    assert_eq!(std::fs::metadata(a.join("data/sub/file")).unwrap().mode() & 0o7777, 0o660);
+    assert_ne!(std::fs::metadata("/etc/passwd").unwrap().gid(), 4321, "symlinks are not followed");
+    // New files inherit the group.
+    write_synced(&b.join("data/new"), b"x");
+    assert_eq!(std::fs::metadata(b.join("data/new")).unwrap().gid(), 4321);
+
+    // A read-only publication with another group changes nothing.
+    publish(&mut n, &vol, &staging, &c, with_group("5555"), true).await.unwrap();
+    assert_eq!(std::fs::metadata(&c).unwrap().gid(), 4321);
+    for t in [&a, &b, &c] {
+        unpublish(&mut n, &vol, t).await.unwrap();
+    }
+    unstage(&mut n, &vol, &staging).await.unwrap();
+    env.assert_clean();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_is_idempotent_and_a_killed_plugin_is_cleaned_up_by_the_next() {
     let mut env = Env::new(&[]).await;
