@@ -238,6 +238,13 @@ impl NodeService {
     pub async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<(), NodeError> {
         let _g = self.guard(volume_id)?;
         sys::umount(staging_path).await?;
+        // Read-only publications' loop devices left behind (by a plugin killed mid-way) would
+        // keep the device busy.
+        if let Some(a) = self.attacher.find_async(volume_id).await {
+            for dev in sys::readonly_loops_over(&a.device) {
+                sys::detach_loop(&dev).await?;
+            }
+        }
         self.attacher.detach(volume_id).await?;
         info!(volume_id, staging = %staging_path.display(), "unstaged");
         Ok(())
@@ -271,7 +278,14 @@ impl NodeService {
                 std::fs::File::create(&p.target_path)
                     .map_err(|e| NodeError::Internal(format!("creating {}: {e}", p.target_path.display())))?;
             }
-            sys::bind(&a.device, &p.target_path, p.readonly).await?;
+            // A read-only publication gets a read-only loop device of its own (sys::readonly_loop).
+            let source = if p.readonly { sys::readonly_loop(&a.device).await? } else { a.device.clone() };
+            if let Err(e) = sys::bind(&source, &p.target_path, p.readonly).await {
+                if p.readonly {
+                    let _ = sys::detach_loop(&source).await;
+                }
+                return Err(e);
+            }
         } else {
             if sys::mount_at(&p.staging_path)?.is_none() {
                 return Err(NodeError::FailedPrecondition(format!(
@@ -303,7 +317,14 @@ impl NodeService {
     /// NodeUnpublishVolume: idempotent; removes the target path.
     pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), NodeError> {
         let _g = self.guard(volume_id)?;
+        let t = target.to_owned();
+        let own_loop = tokio::task::spawn_blocking(move || sys::publication_loop(&t))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?;
         sys::umount(target).await?;
+        if let Some(dev) = own_loop {
+            sys::detach_loop(&dev).await?;
+        }
         match std::fs::metadata(target) {
             Ok(m) if m.is_dir() => std::fs::remove_dir(target),
             Ok(_) => std::fs::remove_file(target),

@@ -237,6 +237,52 @@ pub fn loop_devices() -> Vec<(PathBuf, PathBuf)> {
     out
 }
 
+/// A new read-only loop device over the block device `device`, for a read-only Block
+/// publication. A mount's read-only flag covers the filesystem holding a device node, not IO to
+/// the device: a read-only bind of the volume's device would not stop a writer opening it.
+pub async fn readonly_loop(device: &Path) -> Result<PathBuf, NodeError> {
+    let dev =
+        device.to_str().ok_or_else(|| NodeError::Internal(format!("{}: not UTF-8", device.display())))?;
+    let out = run("losetup", &["--find", "--show", "--read-only", dev]).await?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+/// The read-only loop devices over the block device `device` (read-only publications').
+pub fn readonly_loops_over(device: &Path) -> Vec<PathBuf> {
+    loop_devices()
+        .into_iter()
+        .filter(|(_, backing)| backing == device)
+        .filter(|(dev, _)| {
+            let name = dev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            std::fs::read_to_string(format!("/sys/block/{name}/ro")).is_ok_and(|r| r.trim() == "1")
+        })
+        .map(|(dev, _)| dev)
+        .collect()
+}
+
+/// The read-only loop device over another block device that a Block publication at `target`
+/// binds, if it is one.
+pub fn publication_loop(target: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(target).ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    let (major, minor) = (nix::sys::stat::major(meta.rdev()), nix::sys::stat::minor(meta.rdev()));
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let backing = std::fs::read_to_string(sys.join("loop/backing_file")).ok()?;
+    let ro = std::fs::read_to_string(sys.join("ro")).ok()?;
+    let name = std::fs::read_link(&sys).ok()?.file_name()?.to_string_lossy().into_owned();
+    (backing.trim_end().starts_with("/dev/") && ro.trim() == "1")
+        .then(|| PathBuf::from(format!("/dev/{name}")))
+}
+
+/// Detaches a loop device (it goes once nothing holds it open).
+pub async fn detach_loop(dev: &Path) -> Result<(), NodeError> {
+    let d = dev.to_str().ok_or_else(|| NodeError::Internal(format!("{}: not UTF-8", dev.display())))?;
+    run("losetup", &["-d", d]).await.map(|_| ())
+}
+
 /// Gives a mounted filesystem to group `gid` as the kubelet does for a pod's fsGroup: every file
 /// and directory on it (not below other mounts, not through symlinks) gets the group, group read
 /// and write (and search or execute where the owner has it), and directories the setgid bit so

@@ -430,6 +430,38 @@ async fn block_round_trip(loop_direct_io: bool) {
         assert!(got == *data, "restaged device differs at {off}");
     }
     drop(f);
+    // A read-only publication is a read-only device: writes fail, reads work.
+    let target_ro = env.target("pod-ro", &vol);
+    publish(&mut n, &vol, &staging, &target_ro, block_cap(), true).await.unwrap();
+    publish(&mut n, &vol, &staging, &target_ro, block_cap(), true).await.unwrap();
+    // (The kernel may let the device open for writing; the write itself must fail.)
+    let refused = std::fs::OpenOptions::new().write(true).open(&target_ro).and_then(|f| {
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0xee; 4096], 0).and_then(|()| f.sync_all())
+    });
+    assert!(refused.is_err(), "a read-only publication takes a write");
+    let (off, data) = &written[6];
+    let mut got = vec![0u8; data.len()];
+    let mut f = std::fs::File::open(&target_ro).unwrap();
+    f.seek(SeekFrom::Start(*off)).unwrap();
+    f.read_exact(&mut got).unwrap();
+    assert!(got == *data, "the read-only device reads the volume");
+    drop(f);
+    let rdev = |p: &Path| std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(p).unwrap());
+    assert_ne!(rdev(&target_ro), rdev(&target), "a device of its own");
+    unpublish(&mut n, &vol, &target_ro).await.unwrap();
+    let ro_loops = |dev: &Path| {
+        let mut n = 0;
+        for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+            n += usize::from(Path::new(backing.trim_end()) == dev);
+        }
+        n
+    };
+    let bound = nix::sys::stat::major(rdev(&target));
+    let minor = nix::sys::stat::minor(rdev(&target));
+    let dev_path = PathBuf::from(format!("/dev/loop{minor}"));
+    assert_eq!(bound, 7, "the read-write publication is the attach's loop device");
+    assert_eq!(ro_loops(&dev_path), 0, "unpublish detaches the read-only loop device");
     unpublish(&mut n, &vol, &target).await.unwrap();
     unstage(&mut n, &vol, &staging).await.unwrap();
     env.assert_clean();
