@@ -7,6 +7,9 @@
 //! process that mounts a one-file FUSE filesystem over the export, and puts a loop device (4 KiB
 //! sectors, the export's block size) on that file.
 //!
+//! A kernel device whose connections die (its engine restarted) is reconnected by
+//! [`Attacher::reconnect_kernel_devices`], from a record the attach keeps in the state directory.
+//!
 //! Everything is found again from the kernel's state, so a node plugin that restarted (and lost its
 //! memory) can still detach: the FUSE mount is `<state>/fuse/<volume>` (source `barnacle:<volume>`
 //! in mountinfo), and the volume's loop device is the one whose backing file is `disk` in it. The
@@ -30,6 +33,19 @@ pub enum Method {
     Kernel,
     /// FUSE and a loop device.
     Fuse,
+}
+
+/// What reconnecting a kernel device needs, kept in `<state>/kernel/<volume>.json` from attach to
+/// detach (the kernel itself keeps only the backend identifier).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KernelRecord {
+    pub volume_id: String,
+    /// The engine's NBD socket on this node.
+    pub socket: PathBuf,
+    pub export: String,
+    pub generation: String,
+    /// `/dev/nbd<index>`.
+    pub index: u32,
 }
 
 /// A volume's block device on this node.
@@ -148,15 +164,12 @@ impl Attacher {
         (arg(b"--socket").map(PathBuf::from), arg(b"--export"))
     }
 
-    /// Attaches the export through the kernel: negotiates the connections, then hands them over.
-    async fn attach_kernel(
-        &self,
-        volume_id: &str,
+    /// Negotiates the kernel's connections with the engine's socket (blocking sockets, for the
+    /// kernel to own).
+    async fn kernel_sockets(
         socket: &Path,
         export: &str,
-        generation: &str,
-    ) -> Result<PathBuf, NodeError> {
-        let backend = kernel_nbd::backend_id(volume_id, generation);
+    ) -> Result<(Vec<std::os::fd::OwnedFd>, nbd_client::ExportInfo), NodeError> {
         let mut fds = Vec::new();
         let mut info = None;
         for _ in 0..KERNEL_CONNECTIONS {
@@ -172,6 +185,28 @@ impl Attacher {
             fds.push(std::os::fd::OwnedFd::from(s));
         }
         let info = info.ok_or_else(|| NodeError::Internal("no connection".into()))?;
+        Ok((fds, info))
+    }
+
+    fn kernel_record(&self, volume_id: &str) -> PathBuf {
+        self.state_dir.join("kernel").join(format!("{volume_id}.json"))
+    }
+
+    /// Whether volumes attach through the kernel nbd module.
+    pub fn uses_kernel(&self) -> bool {
+        self.kernel
+    }
+
+    /// Attaches the export through the kernel: negotiates the connections, then hands them over.
+    async fn attach_kernel(
+        &self,
+        volume_id: &str,
+        socket: &Path,
+        export: &str,
+        generation: &str,
+    ) -> Result<PathBuf, NodeError> {
+        let backend = kernel_nbd::backend_id(volume_id, generation);
+        let (fds, info) = Self::kernel_sockets(socket, export).await?;
         let c = kernel_nbd::Connect {
             index: None,
             size: info.size,
@@ -191,8 +226,102 @@ impl Attacher {
         .await
         .map_err(|e| NodeError::Internal(e.to_string()))??;
         let device = PathBuf::from(format!("/dev/nbd{index}"));
+        let record = KernelRecord {
+            volume_id: volume_id.to_owned(),
+            socket: socket.to_owned(),
+            export: export.to_owned(),
+            generation: generation.to_owned(),
+            index,
+        };
+        let path = self.kernel_record(volume_id);
+        let write = async {
+            tokio::fs::create_dir_all(path.parent().unwrap_or(&self.state_dir)).await?;
+            let tmp = path.with_extension("tmp");
+            tokio::fs::write(&tmp, serde_json::to_vec(&record)?).await?;
+            tokio::fs::rename(&tmp, &path).await
+        };
+        if let Err(e) = write.await {
+            // The device works; only a reconnect after an engine restart would be missed.
+            warn!(volume_id, error = %e, "the kernel device's record was not written");
+        }
         info!(volume_id, device = %device.display(), socket = %socket.display(), "attached through the kernel nbd module");
         Ok(device)
+    }
+
+    /// Gives kernel devices whose connections died (their engine restarted) new ones, negotiated
+    /// with the engine's socket again (`NBD_CMD_RECONFIGURE`); the kernel keeps their queued IO
+    /// meanwhile, for [`KERNEL_DEAD_CONN_SECS`]. Records of devices that are gone, or now serve
+    /// another attachment, are removed. The node plugin calls this every second.
+    pub async fn reconnect_kernel_devices(&self) {
+        let Ok(mut dir) = tokio::fs::read_dir(self.state_dir.join("kernel")).await else { return };
+        while let Ok(Some(e)) = dir.next_entry().await {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let record = match tokio::fs::read(&path)
+                .await
+                .map(|t| serde_json::from_slice::<KernelRecord>(&t))
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(err)) => {
+                    warn!(record = %path.display(), error = %err, "unreadable kernel device record; removing it");
+                    let _ = tokio::fs::remove_file(&path).await;
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let (vol, index) = (record.volume_id.as_str(), record.index);
+            let device = PathBuf::from(format!("/dev/nbd{index}"));
+            let backend = kernel_nbd::backend_id(vol, &record.generation);
+            let current = kernel_nbd::find(Path::new("/sys/block"), vol)
+                .is_some_and(|(d, b)| d == device && b == backend);
+            if !current {
+                let _ = tokio::fs::remove_file(&path).await;
+                continue;
+            }
+            match tokio::task::spawn_blocking(move || kernel_nbd::connected(index)).await {
+                Ok(Ok(true)) => continue,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    warn!(volume_id = vol, device = %device.display(), error = %e, "nbd status unknown");
+                    continue;
+                }
+                Err(_) => continue,
+            }
+            let (fds, info) = match Self::kernel_sockets(&record.socket, &record.export).await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(volume_id = vol, device = %device.display(), error = %e, "nbd connections lost; the engine is not back yet");
+                    continue;
+                }
+            };
+            let c = kernel_nbd::Connect {
+                index: Some(index),
+                size: info.size,
+                block_size: 4096,
+                timeout: KERNEL_TIMEOUT_SECS,
+                dead_conn_timeout: KERNEL_DEAD_CONN_SECS,
+                server_flags: u64::from(info.flags),
+                backend: String::new(),
+                sockets: fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
+            };
+            let res = tokio::task::spawn_blocking(move || {
+                let r = kernel_nbd::reconfigure(&c);
+                drop(fds);
+                r
+            })
+            .await;
+            match res {
+                Ok(Ok(())) => {
+                    info!(volume_id = vol, device = %device.display(), "nbd device reconnected to its engine")
+                }
+                Ok(Err(e)) => {
+                    warn!(volume_id = vol, device = %device.display(), error = %e, "reconnecting the nbd device failed")
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// Attaches the export (idempotent: an attached volume returns its device).
@@ -346,6 +475,7 @@ impl Attacher {
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))??;
             info!(volume_id, device = %device.display(), "nbd device disconnected");
+            let _ = tokio::fs::remove_file(self.kernel_record(volume_id)).await;
             return Ok(());
         }
         if let Some(a) = self.find(volume_id) {
@@ -447,4 +577,39 @@ async fn lazy_umount(path: &Path) -> Result<(), NodeError> {
     })
     .await
     .map_err(|e| NodeError::Internal(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No nbd device exists on the development machine, so a record is always stale here: it is
+    /// read and removed, as after a reboot; an unreadable one goes too, and other files stay.
+    #[tokio::test]
+    async fn kernel_records_of_devices_that_are_gone_are_removed() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let a = Attacher::new(dir.path(), PathBuf::from("/bin/false"), Method::Fuse, false);
+        let record = KernelRecord {
+            volume_id: "vol-1".into(),
+            socket: PathBuf::from("/var/lib/barnacle/run/vol-1.g2.nbd"),
+            export: "vol-1".into(),
+            generation: "2".into(),
+            index: 3,
+        };
+        let kdir = dir.path().join("kernel");
+        std::fs::create_dir_all(&kdir).unwrap_or_else(|e| panic!("{e}"));
+        let json = serde_json::to_vec(&record).unwrap_or_default();
+        assert_eq!(serde_json::from_slice::<KernelRecord>(&json).ok(), Some(record));
+        std::fs::write(kdir.join("vol-1.json"), json).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(kdir.join("vol-2.json"), b"{not json").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(kdir.join("notes.txt"), b"kept").unwrap_or_else(|e| panic!("{e}"));
+        a.reconnect_kernel_devices().await;
+        let mut left: Vec<String> = std::fs::read_dir(&kdir)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["notes.txt"]);
+    }
 }

@@ -27,6 +27,7 @@ pub const VERSION: u8 = 1;
 pub const CMD_CONNECT: u8 = 1;
 pub const CMD_DISCONNECT: u8 = 2;
 pub const CMD_RECONFIGURE: u8 = 3;
+pub const CMD_STATUS: u8 = 5;
 
 pub const ATTR_INDEX: u16 = 1;
 pub const ATTR_SIZE_BYTES: u16 = 2;
@@ -36,9 +37,14 @@ pub const ATTR_SERVER_FLAGS: u16 = 5;
 pub const ATTR_CLIENT_FLAGS: u16 = 6;
 pub const ATTR_SOCKETS: u16 = 7;
 pub const ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
+pub const ATTR_DEVICE_LIST: u16 = 9;
 pub const ATTR_BACKEND_IDENTIFIER: u16 = 10;
 pub const SOCK_ITEM: u16 = 1;
 pub const SOCK_FD: u16 = 1;
+/// In a STATUS reply's device list: one device, with its index and whether it is connected.
+pub const DEVICE_ITEM: u16 = 1;
+pub const DEVICE_INDEX: u16 = 1;
+pub const DEVICE_CONNECTED: u16 = 2;
 
 /// Keep the device (and its queued IO) when the last opener closes it.
 pub const CFLAG_DESTROY_ON_DISCONNECT: u64 = 1 << 0;
@@ -121,8 +127,8 @@ fn message(cmd: u8, attrs: GenlBuffer<u16, Buffer>) -> Result<Genlmsghdr<u8, u16
     GenlmsghdrBuilder::default().cmd(cmd).version(VERSION).attrs(attrs).build().map_err(err)
 }
 
-/// Sends one nbd command and returns the device index of the reply, if it carries one.
-fn call(cmd: u8, attrs: GenlBuffer<u16, Buffer>) -> Result<Option<u32>, NodeError> {
+/// Sends one nbd command; returns the payloads of the replies.
+fn request(cmd: u8, attrs: GenlBuffer<u16, Buffer>) -> Result<Vec<Genlmsghdr<u8, u16>>, NodeError> {
     let (router, _) = NlRouter::connect(NlFamily::Generic, None, Groups::empty()).map_err(err)?;
     let family = router.resolve_genl_family(FAMILY).map_err(err)?;
     let replies = router
@@ -132,16 +138,60 @@ fn call(cmd: u8, attrs: GenlBuffer<u16, Buffer>) -> Result<Option<u32>, NodeErro
             NlPayload::Payload(message(cmd, attrs)?),
         )
         .map_err(err)?;
-    let mut index = None;
+    let mut out = Vec::new();
     for reply in replies {
-        let reply = reply.map_err(err)?;
-        if let Some(p) = reply.get_payload()
-            && let Ok(i) = p.attrs().get_attr_handle().get_attr_payload_as::<u32>(ATTR_INDEX)
-        {
-            index = Some(i);
+        if let Some(p) = reply.map_err(err)?.get_payload() {
+            out.push(p.clone());
         }
     }
-    Ok(index)
+    Ok(out)
+}
+
+/// Sends one nbd command and returns the device index of the reply, if it carries one.
+fn call(cmd: u8, attrs: GenlBuffer<u16, Buffer>) -> Result<Option<u32>, NodeError> {
+    Ok(request(cmd, attrs)?
+        .iter()
+        .find_map(|p| p.attrs().get_attr_handle().get_attr_payload_as::<u32>(ATTR_INDEX).ok()))
+}
+
+/// The netlink attributes in `b` as (type without its flag bits, payload).
+fn attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
+        let kind = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        out.push((kind, &b[4..len]));
+        b = &b[len.next_multiple_of(4).min(b.len())..];
+    }
+    out
+}
+
+/// Whether device `index` is connected, from the payload of a STATUS reply's device list.
+pub fn connected_in(device_list: &[u8], index: u32) -> Option<bool> {
+    attributes(device_list).into_iter().filter(|(t, _)| *t == DEVICE_ITEM).find_map(|(_, item)| {
+        let fields = attributes(item);
+        let field = |t: u16| fields.iter().find(|(k, _)| *k == t).map(|(_, v)| *v);
+        let i = u32::from_ne_bytes(field(DEVICE_INDEX)?.get(..4)?.try_into().ok()?);
+        (i == index).then(|| field(DEVICE_CONNECTED).and_then(|c| c.first()).is_some_and(|c| *c != 0))
+    })
+}
+
+/// Whether device `index` has live connections (NBD_CMD_STATUS). Blocking.
+pub fn connected(index: u32) -> Result<bool, NodeError> {
+    let replies = request(CMD_STATUS, std::iter::once(attr(ATTR_INDEX, index)?).collect())?;
+    replies
+        .iter()
+        .filter_map(|p| {
+            p.attrs()
+                .get_attr_handle()
+                .get_attribute(ATTR_DEVICE_LIST)
+                .map(|a| a.nla_payload().as_ref().to_vec())
+        })
+        .find_map(|list| connected_in(&list, index))
+        .ok_or_else(|| err(format!("the kernel did not report nbd{index}")))
 }
 
 /// Connects a device; returns its index (`/dev/nbd<index>`). Blocking: run off the async threads.
@@ -276,6 +326,33 @@ mod tests {
             [ATTR_INDEX, ATTR_SIZE_BYTES, ATTR_TIMEOUT, ATTR_DEAD_CONN_TIMEOUT, ATTR_SOCKETS],
             "a resize"
         );
+    }
+
+    /// A netlink attribute: header, payload, padding to 4 bytes.
+    fn nla(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
+        let mut v = len.to_ne_bytes().to_vec();
+        let nested = if kind == DEVICE_ITEM { 0x8000 } else { 0 };
+        v.extend((kind | nested).to_ne_bytes());
+        v.extend(payload);
+        v.resize(v.len().next_multiple_of(4), 0);
+        v
+    }
+
+    #[test]
+    fn a_status_reply_says_which_device_is_connected() {
+        let item = |index: u32, connected: u8| {
+            let mut fields = nla(DEVICE_INDEX, &index.to_ne_bytes());
+            fields.extend(nla(DEVICE_CONNECTED, &[connected]));
+            nla(DEVICE_ITEM, &fields)
+        };
+        let mut list = item(3, 1);
+        list.extend(item(7, 0));
+        assert_eq!(connected_in(&list, 3), Some(true));
+        assert_eq!(connected_in(&list, 7), Some(false), "a device whose connections died");
+        assert_eq!(connected_in(&list, 9), None, "a device not in the reply");
+        assert_eq!(connected_in(&list[..list.len() - 3], 7), None, "a cut reply is not read past its end");
+        assert_eq!(connected_in(&[], 3), None);
     }
 
     #[test]
