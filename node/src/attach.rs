@@ -8,7 +8,8 @@
 //! sectors, the export's block size) on that file.
 //!
 //! A kernel device whose connections die (its engine restarted) is reconnected by
-//! [`Attacher::reconnect_kernel_devices`], from a record the attach keeps in the state directory.
+//! [`Attacher::keep_kernel_devices_connected`], from a record the attach keeps in the state
+//! directory.
 //!
 //! Everything is found again from the kernel's state, so a node plugin that restarted (and lost its
 //! memory) can still detach: the FUSE mount is `<state>/fuse/<volume>` (source `barnacle:<volume>`
@@ -248,12 +249,15 @@ impl Attacher {
         Ok(device)
     }
 
-    /// Gives kernel devices whose connections died (their engine restarted) new ones, negotiated
-    /// with the engine's socket again (`NBD_CMD_RECONFIGURE`); the kernel keeps their queued IO
-    /// meanwhile, for [`KERNEL_DEAD_CONN_SECS`]. Records of devices that are gone, or now serve
-    /// another attachment, are removed. The node plugin calls this every second.
-    pub async fn reconnect_kernel_devices(&self) {
-        let Ok(mut dir) = tokio::fs::read_dir(self.state_dir.join("kernel")).await else { return };
+    /// Gives kernel devices new connections, negotiated with their engine's socket again
+    /// (`NBD_CMD_RECONFIGURE`, which replaces dead ones): the device `index` after the kernel
+    /// reported its link dead, or every recorded device (after a plugin start, when a
+    /// notification may have been missed; the kernel refuses sockets for a device with no dead
+    /// connection, and that is fine). Records of devices that are gone, or now serve another
+    /// attachment, are removed. Returns how many devices took new connections.
+    pub async fn reconnect_kernel(&self, index: Option<u32>) -> usize {
+        let mut reconnected = 0;
+        let Ok(mut dir) = tokio::fs::read_dir(self.state_dir.join("kernel")).await else { return 0 };
         while let Ok(Some(e)) = dir.next_entry().await {
             let path = e.path();
             if path.extension().is_none_or(|x| x != "json") {
@@ -271,8 +275,8 @@ impl Attacher {
                 }
                 Err(_) => continue,
             };
-            let (vol, index) = (record.volume_id.as_str(), record.index);
-            let device = PathBuf::from(format!("/dev/nbd{index}"));
+            let vol = record.volume_id.as_str();
+            let device = PathBuf::from(format!("/dev/nbd{}", record.index));
             let backend = kernel_nbd::backend_id(vol, &record.generation);
             let current = kernel_nbd::find(Path::new("/sys/block"), vol)
                 .is_some_and(|(d, b)| d == device && b == backend);
@@ -280,24 +284,18 @@ impl Attacher {
                 let _ = tokio::fs::remove_file(&path).await;
                 continue;
             }
-            match tokio::task::spawn_blocking(move || kernel_nbd::connected(index)).await {
-                Ok(Ok(true)) => continue,
-                Ok(Ok(false)) => {}
-                Ok(Err(e)) => {
-                    warn!(volume_id = vol, device = %device.display(), error = %e, "nbd status unknown");
-                    continue;
-                }
-                Err(_) => continue,
+            if index.is_some_and(|i| i != record.index) {
+                continue;
             }
             let (fds, info) = match Self::kernel_sockets(&record.socket, &record.export).await {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!(volume_id = vol, device = %device.display(), error = %e, "nbd connections lost; the engine is not back yet");
+                    warn!(volume_id = vol, device = %device.display(), error = %e, "cannot reach the engine to reconnect yet");
                     continue;
                 }
             };
             let c = kernel_nbd::Connect {
-                index: Some(index),
+                index: Some(record.index),
                 size: info.size,
                 block_size: 4096,
                 timeout: KERNEL_TIMEOUT_SECS,
@@ -314,13 +312,45 @@ impl Attacher {
             .await;
             match res {
                 Ok(Ok(())) => {
-                    info!(volume_id = vol, device = %device.display(), "nbd device reconnected to its engine")
+                    info!(volume_id = vol, device = %device.display(), "nbd device reconnected to its engine");
+                    reconnected += 1;
+                }
+                Ok(Err(e)) if index.is_none() => {
+                    tracing::debug!(volume_id = vol, device = %device.display(), error = %e, "no dead connection to replace");
                 }
                 Ok(Err(e)) => {
                     warn!(volume_id = vol, device = %device.display(), error = %e, "reconnecting the nbd device failed")
                 }
                 Err(_) => {}
             }
+        }
+        reconnected
+    }
+
+    /// Keeps kernel devices connected while the plugin runs: reconnects every recorded device once,
+    /// then each device the kernel reports dead, retrying every second for the dead-connection
+    /// timeout while its engine restarts.
+    pub async fn keep_kernel_devices_connected(self, stop: tokio_util::sync::CancellationToken) {
+        let (tx, mut dead) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            if let Err(e) = kernel_nbd::watch_link_dead(&tx) {
+                warn!(error = %e, "not watching nbd link-dead notifications: devices will not reconnect by themselves");
+            }
+        });
+        self.reconnect_kernel(None).await;
+        loop {
+            let index = tokio::select! {
+                () = stop.cancelled() => return,
+                i = dead.recv() => match i { Some(i) => i, None => return },
+            };
+            warn!(device = %format!("/dev/nbd{index}"), "an nbd connection died; reconnecting");
+            let me = self.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(KERNEL_DEAD_CONN_SECS);
+                while me.reconnect_kernel(Some(index)).await == 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
         }
     }
 
@@ -603,7 +633,7 @@ mod tests {
         std::fs::write(kdir.join("vol-1.json"), json).unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(kdir.join("vol-2.json"), b"{not json").unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(kdir.join("notes.txt"), b"kept").unwrap_or_else(|e| panic!("{e}"));
-        a.reconnect_kernel_devices().await;
+        assert_eq!(a.reconnect_kernel(None).await, 0);
         let mut left: Vec<String> = std::fs::read_dir(&kdir)
             .unwrap_or_else(|e| panic!("{e}"))
             .flatten()

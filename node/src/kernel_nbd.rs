@@ -27,7 +27,9 @@ pub const VERSION: u8 = 1;
 pub const CMD_CONNECT: u8 = 1;
 pub const CMD_DISCONNECT: u8 = 2;
 pub const CMD_RECONFIGURE: u8 = 3;
-pub const CMD_STATUS: u8 = 5;
+pub const CMD_LINK_DEAD: u8 = 4;
+/// The multicast group of the nbd family (link-dead notifications).
+pub const MCAST_GROUP: &str = "nbd_mc_group";
 
 pub const ATTR_INDEX: u16 = 1;
 pub const ATTR_SIZE_BYTES: u16 = 2;
@@ -37,14 +39,9 @@ pub const ATTR_SERVER_FLAGS: u16 = 5;
 pub const ATTR_CLIENT_FLAGS: u16 = 6;
 pub const ATTR_SOCKETS: u16 = 7;
 pub const ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
-pub const ATTR_DEVICE_LIST: u16 = 9;
 pub const ATTR_BACKEND_IDENTIFIER: u16 = 10;
 pub const SOCK_ITEM: u16 = 1;
 pub const SOCK_FD: u16 = 1;
-/// In a STATUS reply's device list: one device, with its index and whether it is connected.
-pub const DEVICE_ITEM: u16 = 1;
-pub const DEVICE_INDEX: u16 = 1;
-pub const DEVICE_CONNECTED: u16 = 2;
 
 /// Keep the device (and its queued IO) when the last opener closes it.
 pub const CFLAG_DESTROY_ON_DISCONNECT: u64 = 1 << 0;
@@ -154,44 +151,33 @@ fn call(cmd: u8, attrs: GenlBuffer<u16, Buffer>) -> Result<Option<u32>, NodeErro
         .find_map(|p| p.attrs().get_attr_handle().get_attr_payload_as::<u32>(ATTR_INDEX).ok()))
 }
 
-/// The netlink attributes in `b` as (type without its flag bits, payload).
-fn attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
-        let kind = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
-        if len < 4 || len > b.len() {
+/// The device index of an `NBD_CMD_LINK_DEAD` notification: one of the device's connections
+/// died (its engine restarted, say), and the kernel keeps its IO queued for the dead-connection
+/// timeout.
+pub fn link_dead_index(msg: &Genlmsghdr<u8, u16>) -> Option<u32> {
+    if *msg.cmd() != CMD_LINK_DEAD {
+        return None;
+    }
+    msg.attrs().get_attr_handle().get_attr_payload_as::<u32>(ATTR_INDEX).ok()
+}
+
+/// Listens to the nbd family's multicast group and sends the index of every device whose
+/// connection died to `dead`, until `dead` is closed or the socket fails. Blocking: run it on a
+/// thread of its own.
+pub fn watch_link_dead(dead: &tokio::sync::mpsc::UnboundedSender<u32>) -> Result<(), NodeError> {
+    let (router, mut notifications) =
+        NlRouter::connect(NlFamily::Generic, None, Groups::empty()).map_err(err)?;
+    let group = router.resolve_nl_mcast_group(FAMILY, MCAST_GROUP).map_err(err)?;
+    router.add_mcast_membership(Groups::new_groups(&[group])).map_err(err)?;
+    while let Some(msg) = notifications.next_typed::<u16, Genlmsghdr<u8, u16>>() {
+        let msg = msg.map_err(err)?;
+        if let Some(index) = msg.get_payload().and_then(link_dead_index)
+            && dead.send(index).is_err()
+        {
             break;
         }
-        out.push((kind, &b[4..len]));
-        b = &b[len.next_multiple_of(4).min(b.len())..];
     }
-    out
-}
-
-/// Whether device `index` is connected, from the payload of a STATUS reply's device list.
-pub fn connected_in(device_list: &[u8], index: u32) -> Option<bool> {
-    attributes(device_list).into_iter().filter(|(t, _)| *t == DEVICE_ITEM).find_map(|(_, item)| {
-        let fields = attributes(item);
-        let field = |t: u16| fields.iter().find(|(k, _)| *k == t).map(|(_, v)| *v);
-        let i = u32::from_ne_bytes(field(DEVICE_INDEX)?.get(..4)?.try_into().ok()?);
-        (i == index).then(|| field(DEVICE_CONNECTED).and_then(|c| c.first()).is_some_and(|c| *c != 0))
-    })
-}
-
-/// Whether device `index` has live connections (NBD_CMD_STATUS). Blocking.
-pub fn connected(index: u32) -> Result<bool, NodeError> {
-    let replies = request(CMD_STATUS, std::iter::once(attr(ATTR_INDEX, index)?).collect())?;
-    replies
-        .iter()
-        .filter_map(|p| {
-            p.attrs()
-                .get_attr_handle()
-                .get_attribute(ATTR_DEVICE_LIST)
-                .map(|a| a.nla_payload().as_ref().to_vec())
-        })
-        .find_map(|list| connected_in(&list, index))
-        .ok_or_else(|| err(format!("the kernel did not report nbd{index}")))
+    Ok(())
 }
 
 /// Connects a device; returns its index (`/dev/nbd<index>`). Blocking: run off the async threads.
@@ -328,31 +314,16 @@ mod tests {
         );
     }
 
-    /// A netlink attribute: header, payload, padding to 4 bytes.
-    fn nla(kind: u16, payload: &[u8]) -> Vec<u8> {
-        let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
-        let mut v = len.to_ne_bytes().to_vec();
-        let nested = if kind == DEVICE_ITEM { 0x8000 } else { 0 };
-        v.extend((kind | nested).to_ne_bytes());
-        v.extend(payload);
-        v.resize(v.len().next_multiple_of(4), 0);
-        v
-    }
-
     #[test]
-    fn a_status_reply_says_which_device_is_connected() {
-        let item = |index: u32, connected: u8| {
-            let mut fields = nla(DEVICE_INDEX, &index.to_ne_bytes());
-            fields.extend(nla(DEVICE_CONNECTED, &[connected]));
-            nla(DEVICE_ITEM, &fields)
+    fn a_link_dead_notification_names_its_device() {
+        let note = |cmd: u8| {
+            message(cmd, std::iter::once(attr(ATTR_INDEX, 7u32).unwrap_or_else(|e| panic!("{e}"))).collect())
+                .unwrap_or_else(|e| panic!("{e}"))
         };
-        let mut list = item(3, 1);
-        list.extend(item(7, 0));
-        assert_eq!(connected_in(&list, 3), Some(true));
-        assert_eq!(connected_in(&list, 7), Some(false), "a device whose connections died");
-        assert_eq!(connected_in(&list, 9), None, "a device not in the reply");
-        assert_eq!(connected_in(&list[..list.len() - 3], 7), None, "a cut reply is not read past its end");
-        assert_eq!(connected_in(&[], 3), None);
+        assert_eq!(link_dead_index(&note(CMD_LINK_DEAD)), Some(7));
+        assert_eq!(link_dead_index(&note(CMD_CONNECT)), None, "other commands are not notifications");
+        let bare = message(CMD_LINK_DEAD, GenlBuffer::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(link_dead_index(&bare), None);
     }
 
     #[test]

@@ -77,15 +77,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let shutdown = process::shutdown_on_signals();
     if service.attacher().uses_kernel() {
         // Kernel devices whose engine restarted get new connections.
-        let (a, stop) = (service.attacher().clone(), shutdown.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => a.reconnect_kernel_devices().await,
-                }
-            }
-        });
+        tokio::spawn(service.attacher().clone().keep_kernel_devices_connected(shutdown.clone()));
     }
     barnacle_node::run(listener, service, shutdown).await?;
     Ok(())
