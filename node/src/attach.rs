@@ -49,6 +49,19 @@ pub struct KernelRecord {
     pub index: u32,
 }
 
+impl KernelRecord {
+    pub fn device(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/nbd{}", self.index))
+    }
+
+    /// Whether its device still serves this attachment (its backend identifier). Reads sysfs.
+    pub fn is_current(&self) -> bool {
+        let backend = kernel_nbd::backend_id(&self.volume_id, &self.generation);
+        kernel_nbd::find(Path::new("/sys/block"), &self.volume_id)
+            .is_some_and(|(d, b)| d == self.device() && b == backend)
+    }
+}
+
 /// A volume's block device on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attached {
@@ -189,8 +202,8 @@ impl Attacher {
         Ok((fds, info))
     }
 
-    fn kernel_record(&self, volume_id: &str) -> PathBuf {
-        self.state_dir.join("kernel").join(format!("{volume_id}.json"))
+    fn kernel_record(&self, volume_id: &str, generation: &str) -> PathBuf {
+        self.state_dir.join("kernel").join(format!("{volume_id}.g{generation}.json"))
     }
 
     /// Whether volumes attach through the kernel nbd module.
@@ -234,7 +247,7 @@ impl Attacher {
             generation: generation.to_owned(),
             index,
         };
-        let path = self.kernel_record(volume_id);
+        let path = self.kernel_record(volume_id, generation);
         let write = async {
             tokio::fs::create_dir_all(path.parent().unwrap_or(&self.state_dir)).await?;
             let tmp = path.with_extension("tmp");
@@ -249,15 +262,11 @@ impl Attacher {
         Ok(device)
     }
 
-    /// Gives kernel devices new connections, negotiated with their engine's socket again
-    /// (`NBD_CMD_RECONFIGURE`, which replaces dead ones): the device `index` after the kernel
-    /// reported its link dead, or every recorded device (after a plugin start, when a
-    /// notification may have been missed; the kernel refuses sockets for a device with no dead
-    /// connection, and that is fine). Records of devices that are gone, or now serve another
-    /// attachment, are removed. Returns how many devices took new connections.
-    pub async fn reconnect_kernel(&self, index: Option<u32>) -> usize {
-        let mut reconnected = 0;
-        let Ok(mut dir) = tokio::fs::read_dir(self.state_dir.join("kernel")).await else { return 0 };
+    /// The records of kernel devices that still serve their attachment; the others (the device
+    /// is gone, or carries another backend now) are removed, and so are unreadable ones.
+    pub async fn current_kernel_records(&self) -> Vec<KernelRecord> {
+        let mut out = Vec::new();
+        let Ok(mut dir) = tokio::fs::read_dir(self.state_dir.join("kernel")).await else { return out };
         while let Ok(Some(e)) = dir.next_entry().await {
             let path = e.path();
             if path.extension().is_none_or(|x| x != "json") {
@@ -275,82 +284,121 @@ impl Attacher {
                 }
                 Err(_) => continue,
             };
-            let vol = record.volume_id.as_str();
-            let device = PathBuf::from(format!("/dev/nbd{}", record.index));
-            let backend = kernel_nbd::backend_id(vol, &record.generation);
-            let current = kernel_nbd::find(Path::new("/sys/block"), vol)
-                .is_some_and(|(d, b)| d == device && b == backend);
-            if !current {
+            if record.is_current() {
+                out.push(record);
+            } else {
+                // Named by generation: a newer attachment's record is another file.
                 let _ = tokio::fs::remove_file(&path).await;
-                continue;
-            }
-            if index.is_some_and(|i| i != record.index) {
-                continue;
-            }
-            let (fds, info) = match Self::kernel_sockets(&record.socket, &record.export).await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(volume_id = vol, device = %device.display(), error = %e, "cannot reach the engine to reconnect yet");
-                    continue;
-                }
-            };
-            let c = kernel_nbd::Connect {
-                index: Some(record.index),
-                size: info.size,
-                block_size: 4096,
-                timeout: KERNEL_TIMEOUT_SECS,
-                dead_conn_timeout: KERNEL_DEAD_CONN_SECS,
-                server_flags: u64::from(info.flags),
-                backend: String::new(),
-                sockets: fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
-            };
-            let res = tokio::task::spawn_blocking(move || {
-                let r = kernel_nbd::reconfigure(&c);
-                drop(fds);
-                r
-            })
-            .await;
-            match res {
-                Ok(Ok(())) => {
-                    info!(volume_id = vol, device = %device.display(), "nbd device reconnected to its engine");
-                    reconnected += 1;
-                }
-                Ok(Err(e)) if index.is_none() => {
-                    tracing::debug!(volume_id = vol, device = %device.display(), error = %e, "no dead connection to replace");
-                }
-                Ok(Err(e)) => {
-                    warn!(volume_id = vol, device = %device.display(), error = %e, "reconnecting the nbd device failed")
-                }
-                Err(_) => {}
             }
         }
-        reconnected
+        out
     }
 
-    /// Keeps kernel devices connected while the plugin runs: reconnects every recorded device once,
-    /// then each device the kernel reports dead, retrying every second for the dead-connection
-    /// timeout while its engine restarts.
+    /// Gives the recorded device connections negotiated with its engine's socket again
+    /// (`NBD_CMD_RECONFIGURE`, which replaces dead ones; for a device with none dead the kernel
+    /// takes nothing and answers success).
+    pub async fn reconnect_kernel(&self, record: &KernelRecord) -> Result<(), NodeError> {
+        let negotiation = tokio::time::timeout(
+            Duration::from_secs(10),
+            Self::kernel_sockets(&record.socket, &record.export),
+        );
+        let (fds, info) = negotiation.await.map_err(|_| {
+            NodeError::Unavailable(format!("{} did not negotiate in 10 s", record.socket.display()))
+        })??;
+        let c = kernel_nbd::Connect {
+            index: Some(record.index),
+            size: info.size,
+            block_size: 4096,
+            timeout: KERNEL_TIMEOUT_SECS,
+            dead_conn_timeout: KERNEL_DEAD_CONN_SECS,
+            server_flags: u64::from(info.flags),
+            backend: String::new(),
+            sockets: fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
+        };
+        let r = record.clone();
+        tokio::task::spawn_blocking(move || {
+            // Checked again right before: the device index may have gone to another volume
+            // while the connections were negotiated, and the kernel does not check the backend.
+            if !r.is_current() {
+                return Err(NodeError::NotFound(format!(
+                    "{} no longer serves volume {}",
+                    r.device().display(),
+                    r.volume_id
+                )));
+            }
+            let res = kernel_nbd::reconfigure(&c);
+            drop(fds);
+            res
+        })
+        .await
+        .map_err(|e| NodeError::Internal(e.to_string()))?
+    }
+
+    /// Keeps kernel devices connected while the plugin runs. A thread listens for the kernel's
+    /// link-dead notifications (resubscribing after an error); each dead device is reconnected,
+    /// retrying every second for the dead-connection timeout while its engine restarts, then
+    /// every 5 s while the device still serves its attachment. After every subscription, every
+    /// recorded device is offered new connections once, in case a notification was missed.
     pub async fn keep_kernel_devices_connected(self, stop: tokio_util::sync::CancellationToken) {
-        let (tx, mut dead) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         std::thread::spawn(move || {
-            if let Err(e) = kernel_nbd::watch_link_dead(&tx) {
-                warn!(error = %e, "not watching nbd link-dead notifications: devices will not reconnect by themselves");
+            loop {
+                match kernel_nbd::watch_link_dead(&tx) {
+                    Ok(()) => return,
+                    Err(e) => {
+                        warn!(error = %e, "watching nbd link-dead notifications failed; resubscribing in 5 s")
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(5));
             }
         });
-        self.reconnect_kernel(None).await;
+        let busy = std::sync::Arc::new(parking_lot::Mutex::new(std::collections::HashSet::new()));
         loop {
-            let index = tokio::select! {
+            let event = tokio::select! {
                 () = stop.cancelled() => return,
-                i = dead.recv() => match i { Some(i) => i, None => return },
+                e = events.recv() => match e { Some(e) => e, None => return },
             };
-            warn!(device = %format!("/dev/nbd{index}"), "an nbd connection died; reconnecting");
             let me = self.clone();
-            tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(KERNEL_DEAD_CONN_SECS);
-                while me.reconnect_kernel(Some(index)).await == 0 && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+            match event {
+                None => {
+                    tokio::spawn(async move {
+                        for r in me.current_kernel_records().await {
+                            if let Err(e) = me.reconnect_kernel(&r).await {
+                                warn!(volume_id = %r.volume_id, device = %r.device().display(), error = %e, "offering an nbd device new connections failed");
+                            }
+                        }
+                    });
                 }
-            });
+                Some(index) => {
+                    if !busy.lock().insert(index) {
+                        continue;
+                    }
+                    warn!(device = %format!("/dev/nbd{index}"), "an nbd connection died; reconnecting");
+                    let busy = busy.clone();
+                    tokio::spawn(async move {
+                        let start = tokio::time::Instant::now();
+                        loop {
+                            let records = me.current_kernel_records().await;
+                            let Some(r) = records.into_iter().find(|r| r.index == index) else { break };
+                            match me.reconnect_kernel(&r).await {
+                                Ok(()) => {
+                                    info!(volume_id = %r.volume_id, device = %r.device().display(), "nbd device reconnected to its engine");
+                                    break;
+                                }
+                                Err(e) => {
+                                    warn!(volume_id = %r.volume_id, device = %r.device().display(), error = %e, "reconnecting the nbd device failed; retrying")
+                                }
+                            }
+                            let patient = start.elapsed() < Duration::from_secs(KERNEL_DEAD_CONN_SECS);
+                            tokio::time::sleep(Duration::from_secs(if patient { 1 } else { 5 })).await;
+                        }
+                        busy.lock().remove(&index);
+                    });
+                }
+            }
         }
     }
 
@@ -505,7 +553,14 @@ impl Attacher {
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))??;
             info!(volume_id, device = %device.display(), "nbd device disconnected");
-            let _ = tokio::fs::remove_file(self.kernel_record(volume_id)).await;
+            if let Ok(mut dir) = tokio::fs::read_dir(self.state_dir.join("kernel")).await {
+                let prefix = format!("{volume_id}.g");
+                while let Ok(Some(e)) = dir.next_entry().await {
+                    if e.file_name().to_string_lossy().starts_with(&prefix) {
+                        let _ = tokio::fs::remove_file(e.path()).await;
+                    }
+                }
+            }
             return Ok(());
         }
         if let Some(a) = self.find(volume_id) {
@@ -550,6 +605,18 @@ impl Attacher {
         Ok(())
     }
 
+    /// Read-only publications' loop devices over `device` take its new size.
+    async fn refresh_readonly_loops(&self, device: &Path) -> Result<(), NodeError> {
+        let d = device.to_owned();
+        let loops = tokio::task::spawn_blocking(move || sys::readonly_loops_over(&d))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?;
+        for l in loops {
+            sys::run("losetup", &["-c", &l.display().to_string()]).await?;
+        }
+        Ok(())
+    }
+
     /// Makes the device show the export's current size (after an expansion); returns it.
     pub async fn refresh_size(&self, volume_id: &str, want: u64) -> Result<u64, NodeError> {
         let a = self
@@ -574,6 +641,7 @@ impl Attacher {
             tokio::task::spawn_blocking(move || kernel_nbd::reconfigure(&c))
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))??;
+            self.refresh_readonly_loops(&device).await?;
             return sys::device_size(&device);
         }
         for p in self.helper_pids(volume_id) {
@@ -589,6 +657,7 @@ impl Attacher {
         }
         let d = a.device.display().to_string();
         sys::run("losetup", &["-c", &d]).await?;
+        self.refresh_readonly_loops(&a.device).await?;
         sys::device_size(&a.device)
     }
 }
@@ -630,10 +699,10 @@ mod tests {
         std::fs::create_dir_all(&kdir).unwrap_or_else(|e| panic!("{e}"));
         let json = serde_json::to_vec(&record).unwrap_or_default();
         assert_eq!(serde_json::from_slice::<KernelRecord>(&json).ok(), Some(record));
-        std::fs::write(kdir.join("vol-1.json"), json).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(kdir.join("vol-2.json"), b"{not json").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(kdir.join("vol-1.g2.json"), json).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(kdir.join("vol-2.g1.json"), b"{not json").unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(kdir.join("notes.txt"), b"kept").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(a.reconnect_kernel(None).await, 0);
+        assert!(a.current_kernel_records().await.is_empty());
         let mut left: Vec<String> = std::fs::read_dir(&kdir)
             .unwrap_or_else(|e| panic!("{e}"))
             .flatten()

@@ -161,25 +161,28 @@ pub fn link_dead_index(msg: &Genlmsghdr<u8, u16>) -> Option<u32> {
     msg.attrs().get_attr_handle().get_attr_payload_as::<u32>(ATTR_INDEX).ok()
 }
 
-/// Listens to the nbd family's multicast group and sends the index of every device whose
-/// connection died to `dead`, until `dead` is closed or the socket fails. Blocking: run it on a
+/// Listens to the nbd family's multicast group: sends `None` once subscribed (notifications
+/// before then were missed), then `Some(index)` for every device whose connection died, until
+/// `events` is closed (`Ok`) or the socket fails (`Err`: subscribe again). Blocking: run it on a
 /// thread of its own.
-pub fn watch_link_dead(dead: &tokio::sync::mpsc::UnboundedSender<u32>) -> Result<(), NodeError> {
+pub fn watch_link_dead(events: &tokio::sync::mpsc::UnboundedSender<Option<u32>>) -> Result<(), NodeError> {
     let (router, mut notifications) =
         NlRouter::connect(NlFamily::Generic, None, Groups::empty()).map_err(err)?;
     let group = router.resolve_nl_mcast_group(FAMILY, MCAST_GROUP).map_err(err)?;
     router.add_mcast_membership(Groups::new_groups(&[group])).map_err(err)?;
+    if events.send(None).is_err() {
+        return Ok(());
+    }
     while let Some(msg) = notifications.next_typed::<u16, Genlmsghdr<u8, u16>>() {
         let msg = msg.map_err(err)?;
         if let Some(index) = msg.get_payload().and_then(link_dead_index)
-            && dead.send(index).is_err()
+            && events.send(Some(index)).is_err()
         {
-            break;
+            return Ok(());
         }
     }
-    Ok(())
+    Err(err("the netlink socket closed"))
 }
-
 /// Connects a device; returns its index (`/dev/nbd<index>`). Blocking: run off the async threads.
 pub fn connect(c: &Connect) -> Result<u32, NodeError> {
     let index = call(CMD_CONNECT, connect_attrs(c, false)?)?;

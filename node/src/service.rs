@@ -318,9 +318,13 @@ impl NodeService {
     pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), NodeError> {
         let _g = self.guard(volume_id)?;
         let t = target.to_owned();
-        let own_loop = tokio::task::spawn_blocking(move || sys::publication_loop(&t))
-            .await
-            .map_err(|e| NodeError::Internal(e.to_string()))?;
+        let device = self.attacher.find_async(volume_id).await.map(|a| a.device);
+        let own_loop = match device {
+            Some(d) => tokio::task::spawn_blocking(move || sys::publication_loop(&t, &d))
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))?,
+            None => None,
+        };
         sys::umount(target).await?;
         if let Some(dev) = own_loop {
             sys::detach_loop(&dev).await?;
@@ -352,7 +356,8 @@ impl NodeService {
             .map_err(|e| NodeError::Internal(format!("{}: {e}", attached.device.display())))?;
         let (major, minor) = (nix::sys::stat::major(dev_meta.rdev()), nix::sys::stat::minor(dev_meta.rdev()));
         let usage = if meta.file_type().is_block_device() {
-            if meta.rdev() != dev_meta.rdev() {
+            let own_loop = sys::publication_loop(path, &attached.device).is_some();
+            if meta.rdev() != dev_meta.rdev() && !own_loop {
                 return Err(NodeError::NotFound(format!("{} is not volume {volume_id}", path.display())));
             }
             Usage::Block { bytes_total: sys::device_size(&attached.device)? }
@@ -439,7 +444,15 @@ fn publications(
 ) -> Result<Vec<PathBuf>, NodeError> {
     let mounts = sys::mountinfo()?;
     let device = attacher.find(volume_id).map(|a| a.device);
-    let dev_name = device.as_ref().and_then(|d| d.file_name()).map(|n| format!("/{}", n.to_string_lossy()));
+    // Binds of the device node, or of a read-only publication's loop device over it: devtmpfs,
+    // rooted at the device's name.
+    let mut dev_names: Vec<String> = device
+        .iter()
+        .cloned()
+        .chain(device.iter().flat_map(|d| sys::readonly_loops_over(d)))
+        .filter_map(|d| d.file_name().map(|n| format!("/{}", n.to_string_lossy())))
+        .collect();
+    dev_names.sort();
     let device = device.map(|d| d.display().to_string());
     let staged_dev = mounts.iter().rev().find(|m| m.mount_point == staging).map(|m| m.dev.clone());
     Ok(mounts
@@ -447,9 +460,8 @@ fn publications(
         .filter(|m| m.mount_point != staging && m.mount_point != except)
         .filter(|m| {
             staged_dev.as_ref().is_some_and(|d| *d == m.dev)
-                    || device.as_ref().is_some_and(|d| m.source == *d)
-                    // A bind of the device node: devtmpfs, rooted at the device's name.
-                    || (m.fstype == "devtmpfs" && dev_name.as_ref().is_some_and(|n| m.root == *n))
+                || device.as_ref().is_some_and(|d| m.source == *d)
+                || (m.fstype == "devtmpfs" && dev_names.binary_search(&m.root).is_ok())
         })
         .map(|m| m.mount_point.clone())
         .collect())

@@ -243,7 +243,7 @@ pub fn loop_devices() -> Vec<(PathBuf, PathBuf)> {
 pub async fn readonly_loop(device: &Path) -> Result<PathBuf, NodeError> {
     let dev =
         device.to_str().ok_or_else(|| NodeError::Internal(format!("{}: not UTF-8", device.display())))?;
-    let out = run("losetup", &["--find", "--show", "--read-only", dev]).await?;
+    let out = run("losetup", &["--find", "--show", "--read-only", "--sector-size", "4096", dev]).await?;
     Ok(PathBuf::from(out.trim()))
 }
 
@@ -260,9 +260,9 @@ pub fn readonly_loops_over(device: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The read-only loop device over another block device that a Block publication at `target`
-/// binds, if it is one.
-pub fn publication_loop(target: &Path) -> Option<PathBuf> {
+/// The read-only loop device over `device` that a Block publication at `target` binds, if it
+/// is one.
+pub fn publication_loop(target: &Path, device: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let meta = std::fs::metadata(target).ok()?;
     if !meta.file_type().is_block_device() {
@@ -273,7 +273,7 @@ pub fn publication_loop(target: &Path) -> Option<PathBuf> {
     let backing = std::fs::read_to_string(sys.join("loop/backing_file")).ok()?;
     let ro = std::fs::read_to_string(sys.join("ro")).ok()?;
     let name = std::fs::read_link(&sys).ok()?.file_name()?.to_string_lossy().into_owned();
-    (backing.trim_end().starts_with("/dev/") && ro.trim() == "1")
+    (Path::new(backing.trim_end()) == device && ro.trim() == "1")
         .then(|| PathBuf::from(format!("/dev/{name}")))
 }
 
@@ -284,40 +284,74 @@ pub async fn detach_loop(dev: &Path) -> Result<(), NodeError> {
 }
 
 /// Gives a mounted filesystem to group `gid` as the kubelet does for a pod's fsGroup: every file
-/// and directory on it (not below other mounts, not through symlinks) gets the group, group read
-/// and write (and search or execute where the owner has it), and directories the setgid bit so
-/// new files inherit the group. Skipped when the root already has the group and setgid (a
-/// repeated publication); the root changes last, so an interrupted walk is done again. Returns
-/// whether anything changed. Blocking.
+/// and directory on it (not below other mounts) gets the group and `0660` added to its mode,
+/// directories also `0110` and setgid, so new files inherit the group. Symlinks are left alone,
+/// and never followed: each entry is opened with `O_PATH | O_NOFOLLOW` and changed through that
+/// descriptor, so a pod swapping a file for a symlink mid-walk changes nothing outside the volume.
+/// Skipped when the root already has the group and the mode (a repeated publication, like the
+/// kubelet's OnRootMismatch); the root changes last, so an interrupted walk is done again.
+/// Returns whether it walked. Blocking.
 pub fn apply_fs_group(root: &Path, gid: u32) -> std::io::Result<bool> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    use nix::fcntl::{AtFlags, OFlag};
+    use nix::sys::stat::{Mode, SFlag};
+
     const SETGID: u32 = 0o2000;
-    let top = std::fs::symlink_metadata(root)?;
-    if top.gid() == gid && top.mode() & SETGID != 0 {
+    let want = |mode: u32, dir: bool| mode | 0o660 | if dir { 0o110 | SETGID } else { 0 };
+    let io = |e: nix::Error| std::io::Error::from_raw_os_error(e as i32);
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let give = |fd: &OwnedFd, mode: u32, dir: bool| -> std::io::Result<()> {
+        nix::unistd::fchownat(fd, "", None, Some(nix::unistd::Gid::from_raw(gid)), AtFlags::AT_EMPTY_PATH)
+            .map_err(io)?;
+        // chmod through the descriptor's /proc link: the inode it names, never a path again.
+        std::fs::set_permissions(
+            format!("/proc/self/fd/{}", fd.as_raw_fd()),
+            std::os::unix::fs::PermissionsExt::from_mode(want(mode, dir)),
+        )
+    };
+    let root_fd = nix::fcntl::open(root, dir_flags, Mode::empty()).map_err(io)?;
+    let top = nix::sys::stat::fstat(&root_fd).map_err(io)?;
+    let top_mode = top.st_mode & 0o7777;
+    if top.st_gid == gid && want(top_mode, true) == top_mode {
         return Ok(false);
     }
-    let give = |path: &Path, meta: &std::fs::Metadata| -> std::io::Result<()> {
-        std::os::unix::fs::chown(path, None, Some(gid))?;
-        let mode = meta.mode() & 0o7777;
-        let exec = if meta.is_dir() || mode & 0o100 != 0 { 0o010 } else { 0 };
-        let setgid = if meta.is_dir() { SETGID } else { 0 };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o060 | exec | setgid))
-    };
-    let mut dirs = vec![root.to_owned()];
+    let mut dirs: Vec<OwnedFd> = vec![root_fd.try_clone()?];
     while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            let meta = std::fs::symlink_metadata(&path)?;
-            if meta.file_type().is_symlink() || meta.dev() != top.dev() {
+        let names: Vec<std::ffi::CString> = nix::dir::Dir::from_fd(dir.try_clone()?)
+            .map_err(io)?
+            .iter()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_owned())
+            .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+            .collect();
+        for name in names {
+            let path_flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            let fd = match nix::fcntl::openat(&dir, name.as_c_str(), path_flags, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(nix::Error::ENOENT) => continue,
+                Err(e) => return Err(io(e)),
+            };
+            let st = nix::sys::stat::fstat(&fd).map_err(io)?;
+            let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
+            if kind == SFlag::S_IFLNK || st.st_dev != top.st_dev {
                 continue;
             }
-            give(&path, &meta)?;
-            if meta.is_dir() {
-                dirs.push(path);
+            let is_dir = kind == SFlag::S_IFDIR;
+            give(&fd, st.st_mode & 0o7777, is_dir)?;
+            if is_dir {
+                match nix::fcntl::openat(&dir, name.as_c_str(), dir_flags, Mode::empty()) {
+                    // Still the directory just changed (not swapped since).
+                    Ok(sub) if nix::sys::stat::fstat(&sub).is_ok_and(|s| s.st_ino == st.st_ino) => {
+                        dirs.push(sub)
+                    }
+                    Ok(_) | Err(nix::Error::ENOENT | nix::Error::ELOOP | nix::Error::ENOTDIR) => {}
+                    Err(e) => return Err(io(e)),
+                }
             }
         }
     }
-    give(root, &top)?;
+    give(&root_fd, top_mode, true)?;
     Ok(true)
 }
 

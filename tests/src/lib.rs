@@ -709,17 +709,25 @@ pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Loop devices whose backing file is under `root`.
+/// Loop devices whose backing file is under `root`, and loop devices over those.
 pub fn loops_under(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file"))
-            && Path::new(b.trim_end()).starts_with(root)
-        {
-            out.push(PathBuf::from(format!("/dev/{name}")));
-        }
-    }
+    let loops: Vec<(PathBuf, PathBuf)> = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let b = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            Some((
+                PathBuf::from(format!("/dev/{}", e.file_name().to_string_lossy())),
+                PathBuf::from(b.trim_end()),
+            ))
+        })
+        .collect();
+    let direct: Vec<PathBuf> =
+        loops.iter().filter(|(_, b)| b.starts_with(root)).map(|(d, _)| d.clone()).collect();
+    // Loop devices over those (read-only Block publications'), listed first: they go first.
+    let mut out: Vec<PathBuf> =
+        loops.iter().filter(|(_, b)| direct.contains(b)).map(|(d, _)| d.clone()).collect();
+    out.extend(direct);
     out
 }
 

@@ -448,20 +448,38 @@ async fn block_round_trip(loop_direct_io: bool) {
     drop(f);
     let rdev = |p: &Path| std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(p).unwrap());
     assert_ne!(rdev(&target_ro), rdev(&target), "a device of its own");
-    unpublish(&mut n, &vol, &target_ro).await.unwrap();
-    let ro_loops = |dev: &Path| {
-        let mut n = 0;
-        for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
-            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
-            n += usize::from(Path::new(backing.trim_end()) == dev);
-        }
-        n
+    // The attach's loop device, by its device number, and the loop devices backed by it.
+    let sys_name = |p: &Path| {
+        let (ma, mi) = (nix::sys::stat::major(rdev(p)), nix::sys::stat::minor(rdev(p)));
+        let link = std::fs::read_link(format!("/sys/dev/block/{ma}:{mi}")).unwrap();
+        link.file_name().unwrap().to_string_lossy().into_owned()
     };
-    let bound = nix::sys::stat::major(rdev(&target));
-    let minor = nix::sys::stat::minor(rdev(&target));
-    let dev_path = PathBuf::from(format!("/dev/loop{minor}"));
-    assert_eq!(bound, 7, "the read-write publication is the attach's loop device");
-    assert_eq!(ro_loops(&dev_path), 0, "unpublish detaches the read-only loop device");
+    let attach_dev = PathBuf::from(format!("/dev/{}", sys_name(&target)));
+    let over_attach = || -> Vec<String> {
+        std::fs::read_dir("/sys/block")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+                Path::new(backing.trim_end()) == attach_dev
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(over_attach(), [sys_name(&target_ro)], "the read-only publication's loop device");
+    // Stats work on the read-only publication, and a single-writer publication sees it as the
+    // one publication left.
+    assert_eq!(stats(&mut n, &vol, &target_ro).await.usage[0].total, 96 * MIB);
+    unpublish(&mut n, &vol, &target).await.unwrap();
+    let exclusive = env.target("pod-x", &vol);
+    let mut sw = block_cap();
+    sw.access_mode = Some(csi::volume_capability::AccessMode {
+        mode: csi::volume_capability::access_mode::Mode::SingleNodeSingleWriter as i32,
+    });
+    let refused = publish(&mut n, &vol, &staging, &exclusive, sw, false).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    unpublish(&mut n, &vol, &target_ro).await.unwrap();
+    assert!(over_attach().is_empty(), "unpublish detaches the read-only loop device");
     unpublish(&mut n, &vol, &target).await.unwrap();
     unstage(&mut n, &vol, &staging).await.unwrap();
     env.assert_clean();
@@ -643,7 +661,11 @@ async fn a_publication_gives_the_filesystem_to_the_pod_s_group() {
     std::fs::create_dir_all(a.join("data/sub")).unwrap();
     write_synced(&a.join("data/sub/file"), b"owned by root\n");
     std::fs::set_permissions(a.join("data/sub/file"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::os::unix::fs::symlink("/etc/passwd", a.join("data/link")).unwrap();
+    // A symlink out of the volume, to a file of the test's own.
+    let outside = env.root.join("outside");
+    write_synced(&outside, b"not the volume's\n");
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&outside, a.join("data/link")).unwrap();
     let with_group = |g: &str| {
         let mut cap = mount_cap("ext4");
         if let Some(csi::volume_capability::AccessType::Mount(m)) = cap.access_type.as_mut() {
@@ -667,7 +689,8 @@ async fn a_publication_gives_the_filesystem_to_the_pod_s_group() {
         assert_eq!(m.mode() & 0o2000 != 0, dir, "{}: setgid on directories only", p.display());
     }
     assert_eq!(std::fs::metadata(a.join("data/sub/file")).unwrap().mode() & 0o7777, 0o660);
-    assert_ne!(std::fs::metadata("/etc/passwd").unwrap().gid(), 4321, "symlinks are not followed");
+    let o = std::fs::metadata(&outside).unwrap();
+    assert!(o.gid() != 4321 && o.mode() & 0o7777 == 0o600, "symlinks are not followed");
     // New files inherit the group.
     write_synced(&b.join("data/new"), b"x");
     assert_eq!(std::fs::metadata(b.join("data/new")).unwrap().gid(), 4321);
