@@ -408,6 +408,69 @@ async fn the_kubernetes_orchestrator_runs_volumes_as_pods_on_a_real_api_server()
     })
     .await;
 
+    // A snapshot of the published volume, and a volume restored from it (the restore example):
+    // clone replicas beside the source's, on ports of their own, with the data.
+    let snap = retry!(c.create_snapshot(csi::CreateSnapshotRequest {
+        source_volume_id: vid.clone(),
+        name: "snap-k8s-2".into(),
+        ..Default::default()
+    }))
+    .unwrap_or_else(|s| panic!("snapshot: {s:?}\n{}", leader.log_text()))
+    .into_inner()
+    .snapshot
+    .unwrap();
+    let mut restore = req.clone();
+    restore.name = "pvc-k8s-restored".into();
+    restore.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource { snapshot_id: snap.snapshot_id.clone() },
+        )),
+    });
+    let restored = retry!(c.create_volume(restore.clone()))
+        .unwrap_or_else(|s| panic!("restore: {s:?}\n{}", leader.log_text()))
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let rcr = get_json(&k, &["volumes.barnacle.dev", &restored]);
+    let src_ports: Vec<_> = get_json(&k, &["volumes.barnacle.dev", &vid])["spec"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["node"].clone(), r["port"].clone()))
+        .collect();
+    for r in rcr["spec"]["replicas"].as_array().unwrap() {
+        assert!(
+            !src_ports.contains(&(r["node"].clone(), r["port"].clone())),
+            "a port pair of its own: {rcr}"
+        );
+    }
+    assert_eq!(volume_pods(&k, &restored).len(), 3);
+    let mut publish_restored = publish.clone();
+    publish_restored.volume_id = restored.clone();
+    publish_restored.node_id = "n2".into();
+    let rctx = retry!(c.controller_publish_volume(publish_restored.clone()))
+        .unwrap_or_else(|s| panic!("publish restored: {s:?}\n{}", leader.log_text()))
+        .into_inner()
+        .publish_context;
+    let ruri =
+        format!("nbd+unix:///{}?socket={}", rctx["exportName"], nodes[1].path(&rctx["nbdSocket"]).display());
+    qemu_io(&ruri, &["read -P 0x5a 0 1M", "read -P 0x77 8M 1M", "read -P 0xa5 60M 1M"]);
+    retry!(c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: restored.clone(),
+        node_id: "n2".into(),
+        ..Default::default()
+    }))
+    .unwrap();
+    retry!(c.delete_volume(csi::DeleteVolumeRequest { volume_id: restored.clone(), ..Default::default() }))
+        .unwrap();
+    retry!(c.delete_snapshot(csi::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    }))
+    .unwrap();
+    wait_for("the restored volume's pods to go", 30, || volume_pods(&k, &restored).is_empty()).await;
+
     // A standby controller waits for the lease; when the leader dies it takes over and rebuilds
     // its view from the API: the volume, its publication and its engine.
     let standby = controller(root.path(), "ctl-b", &ctl_kc);
