@@ -471,6 +471,19 @@ async fn the_kubernetes_orchestrator_runs_volumes_as_pods_on_a_real_api_server()
     .unwrap();
     wait_for("the restored volume's pods to go", 30, || volume_pods(&k, &restored).is_empty()).await;
 
+    // Online expansion reaches the replica pods and the engine.
+    retry!(c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+        volume_id: vid.clone(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 96 * MIB, limit_bytes: 0 }),
+        volume_capability: Some(csi_capability(true, "")),
+        ..Default::default()
+    }))
+    .unwrap_or_else(|s| panic!("expand: {s:?}\n{}", leader.log_text()));
+    let size = String::from_utf8(run_ok("nbdinfo", &["--size", &uri]).stdout).unwrap();
+    assert_eq!(size.trim(), (96 * MIB).to_string());
+    assert_eq!(get_json(&k, &["volumes.barnacle.dev", &vid])["spec"]["size"], 96 * MIB);
+    qemu_io(&uri, &["write -P 0x33 90M 1M", "read -P 0x33 90M 1M", "read -P 0x5a 0 1M"]);
+
     // A standby controller waits for the lease; when the leader dies it takes over and rebuilds
     // its view from the API: the volume, its publication and its engine.
     let standby = controller(root.path(), "ctl-b", &ctl_kc);
