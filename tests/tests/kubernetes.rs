@@ -201,13 +201,17 @@ async fn wait_for(what: &str, timeout_s: u64, mut ok: impl FnMut() -> bool) {
     }
 }
 
-/// Runs a CSI call again while the controller answers Unavailable (a standby, or recovering).
+/// Runs a CSI call again while the controller answers Unavailable (a standby, or recovering) or
+/// Aborted (the reconcile pass holds the volume for a moment), as the CSI sidecars do.
 macro_rules! retry {
     ($call:expr) => {{
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             match $call.await {
-                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                Err(s)
+                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Aborted)
+                        && Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 other => break other,
