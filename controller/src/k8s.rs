@@ -811,7 +811,11 @@ impl Orchestrator for KubeOrchestrator {
             mgmt: format!("http://{}", host_port(&addr, port)),
             generation: attachment.generation,
         };
-        self.engines.lock().insert(id.clone(), ep.clone());
+        let known = self.engines.lock().insert(id.clone(), ep.clone());
+        if known.as_ref() == Some(&ep) {
+            // Seen ready before (a reconcile pass): the Attachment says so already.
+            return Ok(ep);
+        }
         // Operators see it on the Attachment (written with the volume's record).
         let attachments: Api<crate::crd::Attachment> =
             Api::namespaced(self.client.clone(), &self.cfg.namespace);
