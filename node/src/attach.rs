@@ -221,16 +221,7 @@ impl Attacher {
     ) -> Result<PathBuf, NodeError> {
         let backend = kernel_nbd::backend_id(volume_id, generation);
         let (fds, info) = Self::kernel_sockets(socket, export).await?;
-        let c = kernel_nbd::Connect {
-            index: None,
-            size: info.size,
-            block_size: 4096,
-            timeout: KERNEL_TIMEOUT_SECS,
-            dead_conn_timeout: KERNEL_DEAD_CONN_SECS,
-            server_flags: u64::from(info.flags),
-            backend,
-            sockets: fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
-        };
+        let c = kernel_connect(None, info.size, u64::from(info.flags), backend, &fds);
         // The kernel takes its own references to the sockets; ours close when `fds` drops.
         let index = tokio::task::spawn_blocking(move || {
             let r = kernel_nbd::connect(&c);
@@ -305,16 +296,7 @@ impl Attacher {
         let (fds, info) = negotiation.await.map_err(|_| {
             NodeError::Unavailable(format!("{} did not negotiate in 10 s", record.socket.display()))
         })??;
-        let c = kernel_nbd::Connect {
-            index: Some(record.index),
-            size: info.size,
-            block_size: 4096,
-            timeout: KERNEL_TIMEOUT_SECS,
-            dead_conn_timeout: KERNEL_DEAD_CONN_SECS,
-            server_flags: u64::from(info.flags),
-            backend: String::new(),
-            sockets: fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
-        };
+        let c = kernel_connect(Some(record.index), info.size, u64::from(info.flags), String::new(), &fds);
         let r = record.clone();
         tokio::task::spawn_blocking(move || {
             // Checked again right before: the device index may have gone to another volume
@@ -628,16 +610,7 @@ impl Attacher {
                 .trim_start_matches("/dev/nbd")
                 .parse()
                 .map_err(|_| NodeError::Internal(format!("odd nbd device {}", device.display())))?;
-            let c = kernel_nbd::Connect {
-                index: Some(index),
-                size: want,
-                block_size: 4096,
-                timeout: KERNEL_TIMEOUT_SECS,
-                dead_conn_timeout: KERNEL_DEAD_CONN_SECS,
-                server_flags: 0,
-                backend: String::new(),
-                sockets: Vec::new(),
-            };
+            let c = kernel_connect(Some(index), want, 0, String::new(), &[]);
             tokio::task::spawn_blocking(move || kernel_nbd::reconfigure(&c))
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))??;
@@ -659,6 +632,27 @@ impl Attacher {
         sys::run("losetup", &["-c", &d]).await?;
         self.refresh_readonly_loops(&a.device).await?;
         sys::device_size(&a.device)
+    }
+}
+
+/// What NBD_CMD_CONNECT or NBD_CMD_RECONFIGURE say for one of our devices (4 KiB blocks, our
+/// timeouts); the kernel takes its own references to `sockets`.
+fn kernel_connect(
+    index: Option<u32>,
+    size: u64,
+    server_flags: u64,
+    backend: String,
+    sockets: &[std::os::fd::OwnedFd],
+) -> kernel_nbd::Connect {
+    kernel_nbd::Connect {
+        index,
+        size,
+        block_size: 4096,
+        timeout: KERNEL_TIMEOUT_SECS,
+        dead_conn_timeout: KERNEL_DEAD_CONN_SECS,
+        server_flags,
+        backend,
+        sockets: sockets.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
     }
 }
 
