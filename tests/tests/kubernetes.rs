@@ -324,6 +324,20 @@ async fn the_kubernetes_orchestrator_runs_volumes_as_pods_on_a_real_api_server()
     on.sort_unstable();
     assert_eq!(on, ["n1", "n2", "n3"], "one replica per node");
     assert!(!pods.iter().any(|p| p.1 == "wipe"), "wipe pods are removed once done: {pods:?}");
+    // A first create has nothing to wipe: no wipe pod ever ran (the kubelet stand-in keeps a log
+    // per pod it ran).
+    let wipes_run = |vid: &str| -> usize {
+        nodes
+            .iter()
+            .filter_map(|n| std::fs::read_dir(n.root.join("logs")).ok())
+            .flat_map(|d| d.flatten())
+            .filter(|e| {
+                let f = e.file_name().to_string_lossy().into_owned();
+                f.starts_with(vid) && f.ends_with("-wipe.log")
+            })
+            .count()
+    };
+    assert_eq!(wipes_run(&vid), 0, "a first create runs no wipe pods");
     let spec = &get_json(&k, &["pod", &replicas[0].0])["spec"];
     assert_eq!(spec["priorityClassName"], "barnacle-data", "{spec}");
     assert_eq!(spec["imagePullSecrets"][0]["name"], "regcred");
@@ -547,6 +561,22 @@ async fn the_kubernetes_orchestrator_runs_volumes_as_pods_on_a_real_api_server()
         let held: Vec<_> = std::fs::read_dir(disk(n)).unwrap().flatten().map(|e| e.file_name()).collect();
         assert!(held.is_empty(), "{}: {held:?} left in {}", n.name, disk(n).display());
     }
+    assert_eq!(wipes_run(&vid), 3, "a wipe pod per replica removed the data");
+
+    // Without the disks ConfigMap the controller cannot place anything: Probe says why.
+    k.ok(&["-n", NS, "delete", "configmap", "barnacle-disks"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let failed = loop {
+        match sid.probe(csi::ProbeRequest {}).await {
+            Err(s) => break s,
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "Probe stayed healthy without the disks ConfigMap");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    assert_eq!(failed.code(), tonic::Code::FailedPrecondition, "{failed:?}");
+    assert!(failed.message().contains("barnacle-disks"), "{failed:?}");
     drop(standby);
     kubelet.stop().await;
 }
