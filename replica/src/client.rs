@@ -301,9 +301,13 @@ impl ReplicaClient {
             let out = client.out.clone();
             let shared = client.shared.clone();
             let every = cfg.heartbeat;
-            // No reply at all for this long means the replica is gone: close, failing every
-            // waiter, instead of letting callers wait out their own timeouts one by one.
-            let dead_after = (every * 4).max(Duration::from_secs(1));
+            // No reply at all, pings included, for a request timeout (the configured replica
+            // timeout) and four more beats means the replica is gone: close, failing every
+            // waiter, instead of letting callers wait out their own timeouts one by one. Derived
+            // from the timeout, never a fixed second: a replica busy with a fence or a sync on a
+            // loaded machine is slow, not dead. (The engine's lease, timeout + 2 beats, acts
+            // before this on the IO path.)
+            let dead_after = cfg.request_timeout + every * 4;
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.tick().await;

@@ -526,18 +526,23 @@ async fn the_client_gives_up_on_a_replica_that_stopped_answering() {
     }
     assert!(started.elapsed() < Duration::from_secs(10), "calls hung: {:?}", started.elapsed());
 
-    // With heartbeats: silence closes the connection and fails what waits.
+    // With heartbeats: silence as long as the request timeout and four beats closes the
+    // connection and fails what waits then, though its own timeout is far off.
     let addr = mute_replica().await;
     let mut config = cfg(0, Uuid::new_v4());
     config.heartbeat = Duration::from_millis(100);
-    config.request_timeout = Duration::from_secs(60);
+    config.request_timeout = Duration::from_millis(2600);
     let c = ReplicaClient::connect(addr, config).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!c.is_closed(), "closed before a request timeout of silence");
+    let asked = std::time::Instant::now();
     let e = tokio::time::timeout(Duration::from_secs(10), c.flush())
         .await
         .expect("not closed on silence")
         .unwrap_err();
     assert!(matches!(e, ClientError::Closed), "{e}");
-    assert!(c.is_closed() && c.silence() >= Duration::from_secs(1));
+    assert!(asked.elapsed() < Duration::from_millis(2900), "waited out its own timeout: {:?}", asked.elapsed());
+    assert!(c.is_closed() && c.silence() >= Duration::from_secs(3));
 }
 
 #[tokio::test]

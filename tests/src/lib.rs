@@ -740,3 +740,100 @@ pub fn cleanup_attachments(root: &Path) {
         let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
 }
+
+/// A fault injector in front of a real replica's data port: a TCP proxy that passes the replica
+/// protocol through request by request until the first request `stall_on` picks, and from then
+/// on forwards nothing more on that connection in either direction, holding it open: a replica
+/// that hangs at one exact step of a protocol exchange. Connections made later pass untouched.
+#[derive(Debug)]
+pub struct StallProxy {
+    pub addr: SocketAddr,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl StallProxy {
+    pub fn start(target: SocketAddr, stall_on: fn(&barnacle_replica::wire::Op) -> bool) -> StallProxy {
+        use std::sync::atomic::Ordering;
+        use futures::{SinkExt, StreamExt};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (st, sd) = (stalled.clone(), shutdown.clone());
+        // A runtime of its own: the test's may be blocked waiting for a process to start.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let (engine, _) = tokio::select! {
+                        () = sd.cancelled() => return,
+                        a = listener.accept() => a.unwrap(),
+                    };
+                    let (st, sd) = (st.clone(), sd.clone());
+                    tokio::spawn(async move {
+                        let Ok(replica) = tokio::net::TcpStream::connect(target).await else { return };
+                        let (erd, mut ewr) = engine.into_split();
+                        let (mut rrd, rwr) = replica.into_split();
+                        let stall = tokio_util::sync::CancellationToken::new();
+                        let mut requests =
+                            tokio_util::codec::FramedRead::new(erd, barnacle_replica::wire::ServerCodec::default());
+                        let mut upstream =
+                            tokio_util::codec::FramedWrite::new(rwr, barnacle_replica::wire::ClientCodec::default());
+                        let replies = {
+                            let stall = stall.clone();
+                            async move {
+                                let mut buf = vec![0u8; 1 << 16];
+                                loop {
+                                    let n = tokio::select! {
+                                        () = stall.cancelled() => break,
+                                        n = tokio::io::AsyncReadExt::read(&mut rrd, &mut buf) => n,
+                                    };
+                                    let Ok(n @ 1..) = n else { break };
+                                    if tokio::io::AsyncWriteExt::write_all(&mut ewr, &buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                (rrd, ewr)
+                            }
+                        };
+                        let stalled_here = stall.clone();
+                        let forward = async move {
+                            while let Some(Ok(req)) = requests.next().await {
+                                if stall_on(&req.op) && !st.swap(true, Ordering::SeqCst) {
+                                    stall.cancel();
+                                    break;
+                                }
+                                if upstream.send(req).await.is_err() {
+                                    break;
+                                }
+                            }
+                            (requests, upstream)
+                        };
+                        let held = tokio::join!(replies, forward);
+                        // A stalled connection stays open and silent until the proxy stops,
+                        // rather than closing.
+                        if stalled_here.is_cancelled() {
+                            sd.cancelled().await;
+                        }
+                        drop(held);
+                    });
+                }
+            });
+        });
+        StallProxy { addr, stalled, shutdown }
+    }
+
+    /// Whether the chosen request arrived (and its connection stalled).
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

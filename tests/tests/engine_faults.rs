@@ -234,8 +234,8 @@ async fn a_replica_down_at_start_leaves_the_configuration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_silent_beyond_the_lease_is_ejected_before_io_is_served() {
     let s = setup(3);
-    // Beats every 1.5 s, so a silent connection is closed only after six seconds; the lease is
-    // 0.5 s + 2 beats = 3.5 s. At 4.7 s only the lease can notice the hung replica.
+    // Beats every 1.5 s, so a silent connection is closed only after 0.5 s + 4 beats = 6.5 s; the
+    // lease is 0.5 s + 2 beats = 3.5 s. At 4.7 s only the lease can notice the hung replica.
     let engine = s.engine("engine", &["--replica-timeout-ms", "500", "--heartbeat-ms", "1500"]);
     let uri = engine.uri(VOL);
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x33 0 64k"]);
@@ -269,4 +269,69 @@ async fn an_idle_volume_ejects_a_replica_whose_connection_closed() {
         assert!(std::time::Instant::now() < deadline, "r1 still in the configuration: {m}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Membership of `state` once `pred` holds for it (polled for up to 60 s).
+async fn membership_when(s: &Setup, state: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = s.membership(state);
+        if pred(&m) {
+            return m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_hangs_in_the_start_up_resync_is_ejected_and_the_engine_serves() {
+    let s = setup(3);
+    // r2 is reached through a proxy that goes silent at the first intent-list request: the
+    // start-up resync's first step, after the fence succeeded.
+    let proxy = barnacle_tests::StallProxy::start(s.replicas[2].data, |op| {
+        matches!(op, barnacle_replica::wire::Op::ListIntent)
+    });
+    let mut ids = s.ids();
+    ids[2].1 = proxy.addr;
+    let timing = ["--replica-timeout-ms", "1500", "--heartbeat-ms", "300", "--rebuild-retry-ms", "300"];
+    let engine = EngineProcess::start(VOL, &s.token, &ids, &s.root.path().join("engine"), &timing, &s.log);
+    assert!(proxy.stalled());
+    // Ejected through the authority (a new epoch), though it may be back already: its rebuild
+    // is tried every 300 ms.
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("failed during the start-up resync: ejecting it") && l.contains("r2")),
+        "r2 was not ejected by the resync"
+    );
+    assert!(s.membership("engine")["epoch"].as_u64().unwrap() >= 2);
+    run_ok("qemu-io", &["-f", "raw", &engine.uri(VOL), "-c", "write -P 0x5e 0 1M", "-c", "flush"]);
+    // It rejoins by a rebuild (the proxy passes its new connections) and holds what was written.
+    let m = membership_when(&s, "engine", "r2 never rebuilt", |m| m["replicas"][2]["state"] == "healthy").await;
+    let epoch = m["epoch"].as_u64().unwrap() + 1;
+    drop(engine);
+    let all: Vec<&ReplicaProcess> = s.replicas.iter().collect();
+    let bytes = replica_bytes(&all, epoch, 2 << 20).await;
+    assert!(bytes[2][..1 << 20].iter().all(|b| *b == 0x5e), "r2 lacks the write made while it was out");
+    assert!(bytes[0] == bytes[2] && bytes[1] == bytes[2], "replicas differ after the rebuild");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_be_spared_is_waited_for_in_the_start_up_resync() {
+    let s = setup(3);
+    let proxy = barnacle_tests::StallProxy::start(s.replicas[2].data, |op| {
+        matches!(op, barnacle_replica::wire::Op::ListIntent)
+    });
+    let mut ids = s.ids();
+    ids[2].1 = proxy.addr;
+    // Every replica is needed: r2 cannot be ejected, so the resync waits, reconnects it (the
+    // proxy passes the new connection) and tries again, rather than exiting.
+    let args = ["--min-healthy-replicas", "3", "--replica-timeout-ms", "1500", "--heartbeat-ms", "300"];
+    let engine = EngineProcess::start(VOL, &s.token, &ids, &s.root.path().join("engine"), &args, &s.log);
+    assert!(proxy.stalled());
+    let m = s.membership("engine");
+    assert!(m["replicas"].as_array().unwrap().iter().all(|r| r["state"] == "healthy"), "{m}");
+    run_ok("qemu-io", &["-f", "raw", &engine.uri(VOL), "-c", "write -P 0x6f 0 64k", "-c", "read -P 0x6f 0 64k"]);
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(log.contains("cannot be spared: trying again"), "the resync did not retry");
 }

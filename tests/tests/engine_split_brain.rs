@@ -196,7 +196,9 @@ async fn two_engines_on_a_partitioned_network_cannot_both_acknowledge_writes() {
     let state = root.path().join("authority");
     let sock = |n: &str| root.path().join(format!("{n}.sock"));
     let uri = |n: &str| format!("nbd+unix:///{VOL}?socket={}", sock(n).display());
-    let timing = ["--replica-timeout-ms", "1000", "--heartbeat-ms", "200", "--rebuild-retry-ms", "600000"];
+    // Long enough that a busy machine's slow second is not taken for a failure; short enough to
+    // keep the test brief.
+    let timing = ["--replica-timeout-ms", "3000", "--heartbeat-ms", "500", "--rebuild-retry-ms", "600000"];
     let sock_a = sock("a").display().to_string();
     let mut args_a = vec!["--nbd-socket", &sock_a];
     args_a.extend(timing);

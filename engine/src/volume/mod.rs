@@ -45,7 +45,8 @@ pub struct VolumeConfig {
     pub min_healthy: usize,
     /// A replica that does not answer a request within this is ejected.
     pub replica_timeout: Duration,
-    /// Keep-alive interval towards replicas; silence of 4 beats (at least 1 s) closes a connection.
+    /// Keep-alive interval towards replicas; silence of `replica_timeout` + 4 beats closes a
+    /// connection.
     pub heartbeat: Duration,
     /// Rebuild copy rate limit in bytes per second (0: unlimited).
     pub rebuild_bandwidth: u64,
@@ -251,6 +252,17 @@ impl std::fmt::Debug for Volume {
     }
 }
 
+/// Rounds of the start-up resync that may fail on a member that cannot be spared.
+const RESYNC_ATTEMPTS: u32 = 5;
+
+/// Why one pass of the start-up resync stopped.
+enum ResyncFailure {
+    /// The start cannot go on (deposed).
+    Fatal(VolumeError),
+    /// Member `id` failed; `dirty` are the regions it may now lack.
+    Member { id: String, error: ClientError, dirty: std::collections::BTreeSet<u64> },
+}
+
 fn is_deposing(e: &ClientError) -> bool {
     matches!(e.status(), Some(Status::StaleEpoch | Status::EpochConflict))
 }
@@ -416,9 +428,19 @@ impl Volume {
             // intent marks are: the ejected ones may have missed them.
             let mut missed = std::collections::BTreeSet::new();
             let members = vol.view.read().members.clone();
-            for m in &members {
-                let (_, regions) = m.client.list_intent().await.map_err(|e| vol.resync_error(&m.id, &e))?;
-                missed.extend(regions);
+            let lists = join_all(members.iter().map(|m| m.client.list_intent())).await;
+            for (m, l) in members.iter().zip(lists) {
+                match l {
+                    Ok((_, regions)) => missed.extend(regions),
+                    Err(e) if is_deposing(&e) => {
+                        return Err(VolumeError::Deposed { volume_id: vol.cfg.volume_id.clone(), reason: e.to_string() });
+                    }
+                    // It leaves with the others; its own marks are its rebuild's business (rule 7).
+                    Err(e) => {
+                        warn!(volume_id = %vol.cfg.volume_id, replica = %m.id, error = %e, "replica failed at start: ejecting it");
+                        unfenced.push(m.id.clone());
+                    }
+                }
             }
             vol.eject_with(&unfenced, &missed).await.map_err(|e| match e {
                 IoError::Shutdown => VolumeError::Deposed {
@@ -786,15 +808,102 @@ impl Volume {
 
     /// After an unclean stop, makes the regions any member marked dirty identical on all members,
     /// copying from one in-sync member (rule 6), before any IO is served. Returns the bytes copied.
+    ///
+    /// A member that fails or times out meanwhile is ejected through the authority (as on the IO
+    /// path; its rebuild later copies what it lacks) and the resync goes on with the others, from
+    /// the start if the source was the one lost. When the rest would be too few to eject it, the
+    /// resync is tried again after a pause: a slow replica on a busy node is not a reason to stop
+    /// the volume. Only after [`RESYNC_ATTEMPTS`] such rounds does the start fail.
     async fn resync(&self) -> Result<u64, VolumeError> {
+        let mut attempts = 0;
+        loop {
+            let (failed, e) = match self.resync_once().await {
+                Ok(copied) => return Ok(copied),
+                Err(ResyncFailure::Fatal(e)) => return Err(e),
+                Err(ResyncFailure::Member { id, error, dirty }) => ((id, dirty), error),
+            };
+            let (id, dirty) = failed;
+            let members = self.view.read().members.len();
+            if members > self.cfg.min_healthy.max(1) {
+                warn!(volume_id = %self.cfg.volume_id, replica = %id, error = %e,
+                      "replica failed during the start-up resync: ejecting it");
+                self.eject_with(std::slice::from_ref(&id), &dirty).await.map_err(|e| match e {
+                    IoError::Shutdown => VolumeError::Deposed {
+                        volume_id: self.cfg.volume_id.clone(),
+                        reason: "during the start-up resync".into(),
+                    },
+                    other => VolumeError::Resync {
+                        volume_id: self.cfg.volume_id.clone(),
+                        reason: format!("ejecting replica {id}: {other}"),
+                    },
+                })?;
+                continue;
+            }
+            attempts += 1;
+            if attempts >= RESYNC_ATTEMPTS {
+                return Err(self.resync_error(&id, &e));
+            }
+            warn!(volume_id = %self.cfg.volume_id, replica = %id, error = %e, attempt = attempts,
+                  "replica failed during the start-up resync and cannot be spared: trying again");
+            tokio::time::sleep(self.cfg.replica_timeout).await;
+            self.reconnect_members(&id).await?;
+        }
+    }
+
+    /// Before the volume serves: gives member `failed`, and every member whose connection
+    /// closed, a new connection fenced at the current epoch (the old one may still hold the
+    /// request that timed out). One that cannot be reached keeps its old connection, and fails
+    /// the next attempt.
+    async fn reconnect_members(&self, failed: &str) -> Result<(), VolumeError> {
         let view = self.view.read().clone();
+        let mut members = view.members.clone();
+        for m in &mut members {
+            if m.id != failed && !m.client.is_closed() {
+                continue;
+            }
+            let Some(r) = view.record.replica(&m.id) else { continue };
+            match Self::connect(self.client_config(view.record.epoch), r).await {
+                Ok(client) => *m = Arc::new(Member { id: m.id.clone(), client, reading: AtomicUsize::new(0) }),
+                Err(e) if is_deposing(&e) => {
+                    return Err(VolumeError::Deposed { volume_id: self.cfg.volume_id.clone(), reason: e.to_string() });
+                }
+                Err(e) => warn!(volume_id = %self.cfg.volume_id, replica = %m.id, error = %e, "reconnecting failed"),
+            }
+        }
+        // Nothing else changes the view before the volume serves.
+        *self.view.write() =
+            Arc::new(View { version: view.version, record: view.record.clone(), members, joining: view.joining.clone() });
+        Ok(())
+    }
+
+    /// One pass of [`Volume::resync`] over the current members.
+    async fn resync_once(&self) -> Result<u64, ResyncFailure> {
+        let view = self.view.read().clone();
+        let member_failed = |m: &Member, e: ClientError, dirty: &std::collections::BTreeSet<u64>| {
+            if is_deposing(&e) {
+                ResyncFailure::Fatal(VolumeError::Deposed {
+                    volume_id: self.cfg.volume_id.clone(),
+                    reason: e.to_string(),
+                })
+            } else {
+                ResyncFailure::Member { id: m.id.clone(), error: e, dirty: dirty.clone() }
+            }
+        };
         let lists = join_all(view.members.iter().map(|m| m.client.list_intent())).await;
         let mut region_size = 0;
         let mut dirty = std::collections::BTreeSet::new();
+        let mut failed = None;
         for (m, l) in view.members.iter().zip(lists) {
-            let (size, regions) = l.map_err(|e| self.resync_error(&m.id, &e))?;
-            region_size = size;
-            dirty.extend(regions);
+            match l {
+                Ok((size, regions)) => {
+                    region_size = size;
+                    dirty.extend(regions);
+                }
+                Err(e) => failed = failed.or(Some((m, e))),
+            }
+        }
+        if let Some((m, e)) = failed {
+            return Err(member_failed(m, e, &dirty));
         }
         if dirty.is_empty() || view.members.len() < 2 {
             return Ok(0);
@@ -803,27 +912,30 @@ impl Volume {
         info!(volume_id = %self.cfg.volume_id, regions = dirty.len(), source = %source.id,
               "resyncing regions marked dirty before the last stop");
         let mut copied = 0u64;
-        for r in dirty {
+        for &r in &dirty {
             let offset = r * region_size;
             let size = self.size();
             if offset >= size {
                 continue;
             }
             let len = u32::try_from(region_size.min(size - offset)).unwrap_or(u32::MAX);
-            let data =
-                source.client.read(offset, len).await.map_err(|e| self.resync_error(&source.id, &e))?;
+            let data = source.client.read(offset, len).await.map_err(|e| member_failed(source, e, &dirty))?;
             for m in &view.members[1..] {
-                m.client
-                    .write(offset, data.clone(), false)
-                    .await
-                    .map_err(|e| self.resync_error(&m.id, &e))?;
+                m.client.write(offset, data.clone(), false).await.map_err(|e| member_failed(m, e, &dirty))?;
             }
             copied += u64::from(len);
         }
-        self.flush_all().await.map_err(|e| VolumeError::Resync {
-            volume_id: self.cfg.volume_id.clone(),
-            reason: e.to_string(),
-        })?;
+        let flushed = join_all(view.members.iter().map(|m| m.client.flush())).await;
+        let mut points = Vec::new();
+        for (m, f) in view.members.iter().zip(flushed) {
+            points.push(f.map_err(|e| member_failed(m, e, &dirty))?);
+        }
+        // Every member flushed the copies and no IO is served yet: the marks may go (rule 5).
+        for (m, point) in view.members.iter().zip(points) {
+            if let Err(e) = m.client.clear_intent(point).await {
+                warn!(volume_id = %self.cfg.volume_id, replica = %m.id, error = %e, "clearing intent marks failed");
+            }
+        }
         info!(volume_id = %self.cfg.volume_id, bytes = copied, "resync done");
         Ok(copied)
     }
