@@ -41,6 +41,8 @@ EVERYTHING_ON = [
     "--set", "dataPlane.priorityClassName=barnacle-data",
     "--set", "disks.capacity=500Gi",
     "--set", "disks.perNodeCapacity.node-a=2Ti",
+    "--set", "node.makeHostPathShared=true",
+    "--set", "dataPlane.ioFlusherCapability=false",
 ]
 
 failures = []

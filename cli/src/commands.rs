@@ -154,13 +154,17 @@ fn one_volume(v: &admin::VolumeInfo) -> Out {
 pub async fn volume(ctx: &Ctx, cmd: VolumeCmd) -> Result<Out, CliError> {
     let (mut c, mut a) = ctx.controller().await?;
     match cmd {
-        VolumeCmd::Create { name, size, replicas, fs, from_snapshot, from_volume } => {
+        VolumeCmd::Create { name, size, replicas, allow_fewer, fs, from_snapshot, from_volume } => {
             let mode = match fs {
                 Fs::Ext4 => "ext4",
                 Fs::Xfs => "xfs",
                 Fs::Block => "block",
             };
-            let mut parameters = HashMap::from([("replicas".to_owned(), replicas.to_string())]);
+            let mut parameters = HashMap::new();
+            if let Some(n) = replicas {
+                parameters.insert("replicas".to_owned(), n.to_string());
+                parameters.insert("allowFewerReplicas".to_owned(), allow_fewer.to_string());
+            }
             if mode != "block" {
                 parameters.insert("fsType".into(), mode.into());
             }
@@ -213,6 +217,12 @@ pub async fn volume(ctx: &Ctx, cmd: VolumeCmd) -> Result<Out, CliError> {
                 .await
                 .map_err(|e| CliError::rpc("recording the volume's mode", &e))?
                 .into_inner();
+            if let Some(n) = replicas.filter(|n| v.replicas.len() < *n) {
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!("note: {} of {n} replicas placed: only {} nodes can hold one", v.replicas.len(), v.replicas.len());
+                }
+            }
             Ok(one_volume(&v))
         }
         VolumeCmd::List => {
@@ -650,4 +660,23 @@ pub async fn nodes(ctx: &Ctx) -> Result<Out, CliError> {
         })
         .collect();
     Ok(out)
+}
+
+/// `barnacle probe`: Identity.Probe on a CSI endpoint, within 10 s.
+pub async fn probe(endpoint: &str) -> Result<Out, CliError> {
+    let path = std::path::Path::new(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
+    let channel =
+        csi_proto::unix_channel(&path.display().to_string()).map_err(|e| unreachable("the CSI endpoint", path, e))?;
+    let mut c = csi::identity_client::IdentityClient::new(channel);
+    let call = c.probe(csi::ProbeRequest {});
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(10), call)
+        .await
+        .map_err(|_| CliError::Io(format!("{}: no answer to Probe within 10 s", path.display())))?
+        .map_err(|e| CliError::rpc("probing the plugin", &e))?
+        .into_inner();
+    // An unset `ready` means ready (CSI spec).
+    if reply.ready == Some(false) {
+        return Err(CliError::Io(format!("{}: the plugin says it is not ready", path.display())));
+    }
+    Ok(Out::value(json!({"ready": true})))
 }

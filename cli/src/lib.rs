@@ -98,6 +98,13 @@ pub enum Command {
     Replica(ReplicaCmd),
     /// The nodes with their capacity.
     Nodes,
+    /// Ask a CSI endpoint whether its plugin is ready (Identity.Probe): exit status 0 when it is.
+    /// The chart's liveness probes run this inside the plugin's container.
+    Probe {
+        /// The CSI socket: unix:///path or /path.
+        #[arg(long)]
+        endpoint: String,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -118,8 +125,13 @@ pub enum VolumeCmd {
         /// Size with binary units (1GiB, 512MiB).
         #[arg(long, value_parser = barnacle_replica::units::parse_size)]
         size: u64,
-        #[arg(long, default_value_t = 3)]
-        replicas: usize,
+        /// Replicas, one per node. Default: 3, or as many as there are nodes if fewer. A count
+        /// given here that the nodes cannot hold is an error, unless --allow-fewer.
+        #[arg(long)]
+        replicas: Option<usize>,
+        /// With --replicas: place as many as the nodes can hold rather than fail.
+        #[arg(long, requires = "replicas")]
+        allow_fewer: bool,
         #[arg(long, value_enum, default_value_t = Fs::Ext4)]
         fs: Fs,
         /// Make it from a snapshot (its name).

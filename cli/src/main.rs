@@ -30,6 +30,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Replica(c) => commands::replica(&ctx, c).await.map(Some),
             Command::Nodes => commands::nodes(&ctx).await.map(Some),
+            Command::Probe { endpoint } => commands::probe(&endpoint).await.map(Some),
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "barnacle", &mut std::io::stdout());
                 Ok(None)

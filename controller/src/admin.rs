@@ -8,7 +8,6 @@ use tonic::{Request, Response, Status};
 
 use crate::csi::status;
 use crate::error::ControllerError;
-use crate::orchestrator::Orchestrator;
 use crate::service::Service;
 use crate::store::{VolumeRecord, VolumeSource};
 
@@ -19,11 +18,11 @@ pub mod pb {
 
 /// The Admin service.
 #[derive(Debug)]
-pub struct Admin<O: Orchestrator> {
-    pub service: Arc<Service<O>>,
+pub struct Admin {
+    pub service: Arc<Service>,
 }
 
-impl<O: Orchestrator> Admin<O> {
+impl Admin {
     async fn info(&self, v: &VolumeRecord) -> pb::VolumeInfo {
         let d = self.service.details(v).await;
         let (source_kind, source_id) = match &v.source {
@@ -76,7 +75,7 @@ impl<O: Orchestrator> Admin<O> {
 }
 
 #[tonic::async_trait]
-impl<O: Orchestrator> pb::admin_server::Admin for Admin<O> {
+impl pb::admin_server::Admin for Admin {
     async fn list_volumes(
         &self,
         _: Request<pb::ListVolumesRequest>,

@@ -10,7 +10,6 @@ use csi_proto::v1 as csi;
 use tonic::{Request, Response, Status};
 
 use crate::error::ControllerError;
-use crate::orchestrator::Orchestrator;
 use crate::params::{FsType, VolumeParams};
 use crate::service::{CreateVolume, Publish, Service};
 use crate::store::{SnapshotRecord, VolumeRecord, VolumeSource};
@@ -124,12 +123,12 @@ fn max_entries(n: i32) -> Result<usize, Status> {
 
 /// The Identity service of the controller.
 #[derive(Debug)]
-pub struct Identity<O: Orchestrator> {
-    pub service: Arc<Service<O>>,
+pub struct Identity {
+    pub service: Arc<Service>,
 }
 
 #[tonic::async_trait]
-impl<O: Orchestrator> csi::identity_server::Identity for Identity<O> {
+impl csi::identity_server::Identity for Identity {
     async fn get_plugin_info(
         &self,
         _: Request<csi::GetPluginInfoRequest>,
@@ -164,11 +163,11 @@ impl<O: Orchestrator> csi::identity_server::Identity for Identity<O> {
 
 /// The Controller service.
 #[derive(Debug)]
-pub struct Controller<O: Orchestrator> {
-    pub service: Arc<Service<O>>,
+pub struct Controller {
+    pub service: Arc<Service>,
 }
 
-impl<O: Orchestrator> Controller<O> {
+impl Controller {
     async fn published_status(&self, v: &VolumeRecord) -> (Vec<String>, csi::VolumeCondition) {
         let c = self.service.condition(v).await;
         let nodes = v.attachment.iter().map(|a| a.node.clone()).collect();
@@ -177,7 +176,7 @@ impl<O: Orchestrator> Controller<O> {
 }
 
 #[tonic::async_trait]
-impl<O: Orchestrator> csi::controller_server::Controller for Controller<O> {
+impl csi::controller_server::Controller for Controller {
     async fn create_volume(
         &self,
         req: Request<csi::CreateVolumeRequest>,
@@ -402,9 +401,7 @@ impl<O: Orchestrator> csi::controller_server::Controller for Controller<O> {
         let r = req.into_inner();
         required("name", &r.name)?;
         required("source_volume_id", &r.source_volume_id)?;
-        if let Some(k) = r.parameters.keys().next() {
-            return Err(invalid(format!("unknown snapshot parameter {k:?} (snapshots take none)")));
-        }
+        crate::params::check_snapshot_params(&r.parameters).map_err(status)?;
         let s = self.service.create_snapshot(&r.name, &r.source_volume_id).await.map_err(status)?;
         Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(snapshot(&s)) }))
     }

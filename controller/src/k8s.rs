@@ -16,14 +16,14 @@
 //! are read every few seconds into a view that placement uses. [`crate::service::Service::reconcile`]
 //! recreates pods that are gone or failed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
 use barnacle_engine::authority::MembershipAuthority;
 use barnacle_engine::k8s::KubeAuthority;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, ResourceRequirements, Secret};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource};
 use parking_lot::{Mutex, RwLock};
@@ -32,8 +32,8 @@ use tracing::{info, warn};
 use crate::crd::Volume;
 use crate::error::{ControllerError, Result};
 use crate::k8s_store::VOLUME_LABEL;
-use crate::orchestrator::{EngineEndpoint, Orchestrator, ReplicaEndpoint};
-use crate::placement::NodeInfo;
+use crate::orchestrator::{EngineEndpoint, Orchestrator, PodRequests, ReplicaEndpoint};
+use crate::placement::{Compute, NodeInfo};
 use crate::store::{Attachment, ReplicaPlacement, VolumeRecord};
 
 /// The label of the zone a node is in.
@@ -63,9 +63,12 @@ pub struct KubeConfig {
     pub engine_service_account: String,
     /// The host directory of engines' NBD sockets, mounted by the node plugin too.
     pub run_dir: String,
-    /// Requests and limits (equal: Guaranteed QoS) of replica and engine pods: `cpu`, `memory`.
-    pub replica_resources: BTreeMap<String, String>,
-    pub engine_resources: BTreeMap<String, String>,
+    /// Requests and limits of replica and engine pods. Their requests are counted against each
+    /// node's allocatable CPU and memory when placing them.
+    pub replica_resources: ResourceRequirements,
+    pub engine_resources: ResourceRequirements,
+    /// Whether replica and engine pods add SYS_RESOURCE (for PR_SET_IO_FLUSHER).
+    pub io_flusher_capability: bool,
     /// How long a pod may take to become ready.
     pub ready_timeout: Duration,
     /// Secrets for pulling the image (the chart's `imagePullSecrets`).
@@ -144,10 +147,95 @@ pub fn host_port(addr: &str, port: u16) -> String {
     if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") }
 }
 
-/// The capability replicas and engines need to mark themselves as IO flushers (PR_SET_IO_FLUSHER,
-/// DESIGN rule 12), so memory reclaim under pressure does not wait on their own IO.
-fn data_plane_security() -> serde_json::Value {
-    serde_json::json!({ "allowPrivilegeEscalation": false, "capabilities": { "add": ["SYS_RESOURCE"] } })
+/// The container security of replicas and engines: with `io_flusher`, the capability they need
+/// to mark themselves as IO flushers (PR_SET_IO_FLUSHER, DESIGN rule 12), so memory reclaim under
+/// pressure does not wait on their own IO. Without it they run (the flag is best-effort in the
+/// binaries) on hosts whose runtime cannot grant the capability.
+fn data_plane_security(io_flusher: bool) -> serde_json::Value {
+    if io_flusher {
+        serde_json::json!({ "allowPrivilegeEscalation": false, "capabilities": { "add": ["SYS_RESOURCE"] } })
+    } else {
+        serde_json::json!({ "allowPrivilegeEscalation": false })
+    }
+}
+
+/// A Kubernetes CPU quantity in millicores (`50m`, `0.5`, `2`).
+pub fn parse_cpu_milli(s: &str) -> Option<u64> {
+    let t = s.trim();
+    if let Some(m) = t.strip_suffix('m') {
+        return m.parse().ok();
+    }
+    let cores: f64 = t.parse().ok().filter(|c: &f64| c.is_finite() && *c >= 0.0)?;
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Some((cores * 1000.0).ceil() as u64)
+}
+
+/// What `r` requests (a limit without a request requests the limit, as Kubernetes defaults it).
+pub fn requests_of(r: &ResourceRequirements) -> Compute {
+    let get = |k: &str| {
+        r.requests.as_ref().and_then(|m| m.get(k)).or_else(|| r.limits.as_ref().and_then(|m| m.get(k)))
+    };
+    Compute {
+        cpu_milli: get("cpu").and_then(|q| parse_cpu_milli(&q.0)).unwrap_or(0),
+        memory: get("memory").and_then(|q| parse_quantity(&q.0)).unwrap_or(0),
+    }
+}
+
+/// Checks that `r` names only cpu and memory, with quantities that parse.
+pub fn check_resources(r: &ResourceRequirements) -> std::result::Result<(), String> {
+    for (kind, m) in [("requests", &r.requests), ("limits", &r.limits)] {
+        for (k, q) in m.iter().flatten() {
+            let ok = match k.as_str() {
+                "cpu" => parse_cpu_milli(&q.0).is_some(),
+                "memory" => parse_quantity(&q.0).is_some(),
+                _ => return Err(format!("{kind}.{k}: only cpu and memory are set")),
+            };
+            if !ok {
+                return Err(format!("{kind}.{k}: {:?} is not a quantity", q.0));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the pods on a node request: the sum of their containers, or their largest init
+/// container if that is more (as the scheduler counts).
+fn pod_requests(p: &Pod) -> Compute {
+    let Some(spec) = &p.spec else { return Compute::default() };
+    let mut sum = Compute::default();
+    for c in &spec.containers {
+        sum.add(&c.resources.as_ref().map(requests_of).unwrap_or_default());
+    }
+    for c in spec.init_containers.iter().flatten() {
+        let i = c.resources.as_ref().map(requests_of).unwrap_or_default();
+        sum.cpu_milli = sum.cpu_milli.max(i.cpu_milli);
+        sum.memory = sum.memory.max(i.memory);
+    }
+    sum
+}
+
+/// Why the pod's container cannot start, when the runtime says it never will as configured: a
+/// capability the host cannot grant (SYS_RESOURCE, where root lacks it).
+fn cannot_start(p: &Pod) -> Option<String> {
+    let statuses = p.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|c| {
+        let w = c.state.as_ref()?.waiting.as_ref()?;
+        let m = w.message.as_deref().unwrap_or_default();
+        m.contains("apply caps").then(|| {
+            format!(
+                "the container runtime cannot grant its capabilities ({m}); install the chart with \
+                 dataPlane.ioFlusherCapability=false (barnacle-controller --io-flusher-capability=false)"
+            )
+        })
+    })
+}
+
+/// A replica or engine pod of this controller's (their requests are counted from the records).
+fn data_plane_pod(p: &Pod) -> bool {
+    let labels = p.metadata.labels.as_ref();
+    let get = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+    get("app.kubernetes.io/managed-by") == Some("barnacle-controller")
+        && matches!(get(COMPONENT_LABEL), Some("replica" | "engine"))
 }
 
 /// Whether the node may get new replicas and engines: Ready and schedulable.
@@ -227,6 +315,16 @@ impl KubeOrchestrator {
             })?
             .data
             .unwrap_or_default();
+        // What the pods on each node request, but for this controller's replicas and engines
+        // (the records count those, including pods not created yet).
+        let running = ListParams::default().fields("status.phase!=Succeeded,status.phase!=Failed");
+        let pods = Api::<Pod>::all(self.client.clone()).list(&running).await.map_err(err)?;
+        let mut taken: HashMap<String, Compute> = HashMap::new();
+        for p in pods.items.iter().filter(|p| !data_plane_pod(p)) {
+            if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.as_ref()) {
+                taken.entry(node.clone()).or_default().add(&pod_requests(p));
+            }
+        }
         let default_capacity = data.get("capacity").and_then(|c| parse_quantity(c));
         let mut view = View { default_disk: data.get("default").cloned(), synced: true, ..View::default() };
         for n in &nodes.items {
@@ -249,10 +347,16 @@ impl KubeOrchestrator {
             if let Some(d) = data.get(&name) {
                 view.disks.insert(name.clone(), d.clone());
             }
+            let alloc = n.status.as_ref().and_then(|s| s.allocatable.as_ref());
+            let allocatable = Compute {
+                cpu_milli: alloc.and_then(|a| a.get("cpu")).and_then(|q| parse_cpu_milli(&q.0)).unwrap_or(0),
+                memory: alloc.and_then(|a| a.get("memory")).and_then(|q| parse_quantity(&q.0)).unwrap_or(0),
+            };
             view.nodes.push(NodeInfo {
                 name: name.clone(),
                 zone: n.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned(),
                 capacity,
+                compute: Some(allocatable.saturating_sub(&taken.get(&name).copied().unwrap_or_default())),
             });
         }
         view.nodes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -303,8 +407,8 @@ impl KubeOrchestrator {
         })
     }
 
-    fn resources(r: &BTreeMap<String, String>) -> serde_json::Value {
-        if r.is_empty() { serde_json::json!({}) } else { serde_json::json!({ "requests": r, "limits": r }) }
+    fn resources(r: &ResourceRequirements) -> serde_json::Value {
+        serde_json::to_value(r).unwrap_or_default()
     }
 
     /// The owner reference to the volume's resource (its pods and Secret go with it).
@@ -375,7 +479,7 @@ impl KubeOrchestrator {
                     "imagePullPolicy": self.cfg.image_pull_policy,
                     "command": ["barnacle-replica"],
                     "args": args,
-                    "securityContext": data_plane_security(),
+                    "securityContext": data_plane_security(self.cfg.io_flusher_capability),
                     "ports": [
                         { "name": "data", "containerPort": port, "hostPort": port },
                         { "name": "mgmt", "containerPort": port + 1, "hostPort": port + 1 },
@@ -475,7 +579,7 @@ impl KubeOrchestrator {
                     "imagePullPolicy": self.cfg.image_pull_policy,
                     "command": ["barnacle-engine"],
                     "args": args,
-                    "securityContext": data_plane_security(),
+                    "securityContext": data_plane_security(self.cfg.io_flusher_capability),
                     "ports": [
                         { "name": "mgmt", "containerPort": port, "hostPort": port },
                         { "name": "metrics", "containerPort": port + 1, "hostPort": port + 1 },
@@ -574,7 +678,11 @@ impl KubeOrchestrator {
             match p {
                 Some(p) if pod_ready(&p) && !pod_dead(&p) => return Ok(p),
                 Some(p) if pod_dead(&p) => {
-                    return Err(orch(volume_id, format!("pod {name} stopped ({})", pod_phase(&p))));
+                    let reason = p.status.as_ref().and_then(|s| s.reason.clone()).unwrap_or_default();
+                    return Err(orch(volume_id, format!("pod {name} stopped ({} {reason})", pod_phase(&p))));
+                }
+                Some(p) if cannot_start(&p).is_some() => {
+                    return Err(orch(volume_id, format!("pod {name}: {}", cannot_start(&p).unwrap_or_default())));
                 }
                 None => return Err(orch(volume_id, format!("pod {name} is gone"))),
                 Some(_) => {}
@@ -632,6 +740,7 @@ impl KubeOrchestrator {
     }
 }
 
+#[async_trait::async_trait]
 impl Orchestrator for KubeOrchestrator {
     fn nodes(&self) -> Vec<NodeInfo> {
         self.view.read().nodes.clone()
@@ -639,6 +748,13 @@ impl Orchestrator for KubeOrchestrator {
 
     fn ports(&self) -> Option<RangeInclusive<u16>> {
         Some(self.cfg.ports.clone())
+    }
+
+    fn pod_requests(&self) -> Option<PodRequests> {
+        Some(PodRequests {
+            replica: requests_of(&self.cfg.replica_resources),
+            engine: requests_of(&self.cfg.engine_resources),
+        })
     }
 
     async fn ports_held(&self, node: &str) -> Result<std::collections::BTreeSet<u16>> {
@@ -858,6 +974,7 @@ impl Orchestrator for KubeOrchestrator {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -866,6 +983,22 @@ mod tests {
         assert_eq!(host_port("10.0.0.5", 20000), "10.0.0.5:20000");
         assert_eq!(host_port("fd00::5", 20000), "[fd00::5]:20000");
         assert!(barnacle_engine::valid_replica_address(&host_port("fd00::5", 20000)));
+    }
+
+    #[test]
+    fn cpu_quantities_and_requests_parse() {
+        assert_eq!(parse_cpu_milli("50m"), Some(50));
+        assert_eq!(parse_cpu_milli("0.5"), Some(500));
+        assert_eq!(parse_cpu_milli("2"), Some(2000));
+        assert_eq!(parse_cpu_milli("two"), None);
+        let r: ResourceRequirements =
+            serde_json::from_str(r#"{"requests":{"memory":"64Mi"},"limits":{"cpu":"250m","memory":"1Gi"}}"#).unwrap();
+        assert_eq!(requests_of(&r), Compute { cpu_milli: 250, memory: 64 << 20 }, "a limit alone requests itself");
+        assert!(check_resources(&r).is_ok());
+        let bad: ResourceRequirements = serde_json::from_str(r#"{"requests":{"gpu":"1"}}"#).unwrap();
+        assert!(check_resources(&bad).is_err());
+        let bad: ResourceRequirements = serde_json::from_str(r#"{"requests":{"cpu":"lots"}}"#).unwrap();
+        assert!(check_resources(&bad).is_err());
     }
 
     #[test]

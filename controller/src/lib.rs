@@ -31,7 +31,6 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub use error::ControllerError;
-use orchestrator::Orchestrator;
 use service::Service;
 
 /// Serves the Identity and Controller services on `listener` until `shutdown` fires, recovering
@@ -40,11 +39,11 @@ use service::Service;
 ///
 /// Recovery, and with it every change, waits for `start`: a controller that is not the leader
 /// serves Probe as a healthy standby and refuses changes as Unavailable.
-pub async fn run<O: Orchestrator>(
+pub async fn run(
     listener: tokio::net::UnixListener,
-    service: Arc<Service<O>>,
+    service: Arc<Service>,
     shutdown: CancellationToken,
-    start: impl std::future::Future<Output = ()> + Send + 'static,
+    start: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 ) -> Result<(), tonic::transport::Error> {
     let recovering = {
         let s = service.clone();
@@ -59,7 +58,8 @@ pub async fn run<O: Orchestrator>(
     let identity = csi::Identity { service: service.clone() };
     let controller = csi::Controller { service: service.clone() };
     let admin = admin::Admin { service: service.clone() };
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // Kubelets before 1.26 send the socket path as :authority; csi_proto::uds makes it valid.
+    let incoming = csi_proto::uds::incoming(listener);
     let res = tonic::transport::Server::builder()
         .add_service(csi_proto::v1::identity_server::IdentityServer::new(identity))
         .add_service(csi_proto::v1::controller_server::ControllerServer::new(controller))

@@ -291,6 +291,7 @@ fn ready_str<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(serde_json::Value::as_str)
 }
 
+#[async_trait::async_trait]
 impl Orchestrator for LocalOrchestrator {
     fn nodes(&self) -> Vec<NodeInfo> {
         self.cfg
@@ -300,6 +301,7 @@ impl Orchestrator for LocalOrchestrator {
                 name: n.name.clone(),
                 zone: n.zone.clone(),
                 capacity: n.capacity.or_else(|| filesystem_size(&n.dir)).unwrap_or(0),
+                compute: None,
             })
             .collect()
     }

@@ -2,12 +2,12 @@
 //! and the local orchestrator (replicas and engines as child processes, each node a directory) or
 //! in a Kubernetes cluster (records as custom resources, replicas and engines as pods).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use barnacle_controller::k8s::{KubeConfig, KubeOrchestrator};
 use barnacle_controller::k8s_store::KubeStore;
 use barnacle_controller::leader::Election;
@@ -82,12 +82,19 @@ struct Args {
     /// Kubernetes: the host directory of engines' NBD sockets (the node plugin mounts it too).
     #[arg(long, default_value = "/var/lib/barnacle/run")]
     run_dir: String,
-    /// Kubernetes: CPU and memory of each replica pod and engine pod (requests = limits), as
-    /// cpu=500m,memory=128Mi; empty for none.
-    #[arg(long, default_value = "cpu=500m,memory=128Mi", value_parser = parse_resources)]
-    replica_resources: BTreeMap<String, String>,
-    #[arg(long, default_value = "cpu=500m,memory=128Mi", value_parser = parse_resources)]
-    engine_resources: BTreeMap<String, String>,
+    /// Kubernetes: the resources of each replica pod, as Kubernetes ResourceRequirements in JSON.
+    /// The default requests what an idle replica uses and leaves CPU unlimited (block IO is not
+    /// throttled); placement counts the requests against each node's allocatable.
+    #[arg(long, default_value = DEFAULT_POD_RESOURCES, value_parser = parse_resources)]
+    replica_resources: ResourceRequirements,
+    /// Kubernetes: the resources of each engine pod, as for replicas.
+    #[arg(long, default_value = DEFAULT_POD_RESOURCES, value_parser = parse_resources)]
+    engine_resources: ResourceRequirements,
+    /// Kubernetes: replica and engine pods add the SYS_RESOURCE capability, to mark themselves
+    /// as IO flushers (DESIGN rule 12). Set false where the container runtime cannot grant it:
+    /// their containers then cannot start ("unable to apply caps").
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    io_flusher_capability: bool,
     /// Kubernetes: a Secret for pulling the image; repeat for each.
     #[arg(long = "image-pull-secret")]
     image_pull_secrets: Vec<String>,
@@ -117,19 +124,15 @@ fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     Ok(a..=b)
 }
 
-fn parse_resources(s: &str) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
-        match part.split_once('=') {
-            Some((k @ ("cpu" | "memory"), v)) => {
-                if !v.is_empty() {
-                    out.insert(k.to_owned(), v.to_owned());
-                }
-            }
-            _ => return Err(format!("{part:?}: expected cpu=QUANTITY or memory=QUANTITY")),
-        }
-    }
-    Ok(out)
+/// What an idle replica or engine uses, measured on a real node (docs/kubernetes.md), with
+/// room for IO buffers under the memory limit.
+const DEFAULT_POD_RESOURCES: &str = r#"{"requests":{"cpu":"50m","memory":"64Mi"},"limits":{"memory":"512Mi"}}"#;
+
+fn parse_resources(s: &str) -> Result<ResourceRequirements, String> {
+    let r: ResourceRequirements =
+        serde_json::from_str(s).map_err(|e| format!("{s:?}: expected ResourceRequirements in JSON: {e}"))?;
+    barnacle_controller::k8s::check_resources(&r)?;
+    Ok(r)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -170,7 +173,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             let service = Arc::new(Service::new(Arc::new(store), Arc::new(orch), cfg));
             let listener = listen(&args, &socket)?;
             info!(endpoint = %socket.display(), state_dir = %state_dir.display(), "controller serving");
-            barnacle_controller::run(listener, service, shutdown, std::future::ready(())).await?;
+            barnacle_controller::run(listener, service, shutdown, Box::pin(std::future::ready(()))).await?;
         }
         OrchestratorKind::Kubernetes => {
             let namespace = args.namespace.clone().context("give --namespace")?;
@@ -189,6 +192,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                     run_dir: args.run_dir.clone(),
                     replica_resources: args.replica_resources.clone(),
                     engine_resources: args.engine_resources.clone(),
+                    io_flusher_capability: args.io_flusher_capability,
                     ready_timeout: Duration::from_secs(args.pod_ready_timeout),
                     image_pull_secrets: args.image_pull_secrets.clone(),
                     priority_class: args.priority_class.clone().filter(|p| !p.is_empty()),

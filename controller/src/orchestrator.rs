@@ -2,14 +2,13 @@
 //! volume's token and membership record live. The local orchestrator ([`crate::local`]) runs them
 //! as child processes; the Kubernetes one ([`crate::k8s`]) runs them as pods.
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use barnacle_engine::authority::MembershipAuthority;
 
 use crate::error::Result;
-use crate::placement::NodeInfo;
+use crate::placement::{Compute, NodeInfo};
 use crate::store::{Attachment, ReplicaPlacement, VolumeRecord};
 
 /// Where a running replica serves.
@@ -31,6 +30,13 @@ pub struct EngineEndpoint {
     pub generation: u64,
 }
 
+/// What Barnacle's pods request of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodRequests {
+    pub replica: Compute,
+    pub engine: Compute,
+}
+
 /// A new volume token: 32 random bytes in hex.
 pub fn new_token() -> String {
     use rand::Rng;
@@ -38,7 +44,9 @@ pub fn new_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Runs a volume's processes.
+/// Runs a volume's processes. Used as `dyn Orchestrator`, so the controller's service is compiled
+/// once for both orchestrators.
+#[async_trait::async_trait]
 pub trait Orchestrator: Send + Sync + 'static {
     /// The nodes that can hold replicas and run engines.
     fn nodes(&self) -> Vec<NodeInfo>;
@@ -52,21 +60,24 @@ pub trait Orchestrator: Send + Sync + 'static {
 
     /// Host ports held on `node` by what runs there now, beyond the records (a pod still stopping
     /// keeps its ports until it is gone).
-    fn ports_held(
-        &self,
-        _node: &str,
-    ) -> impl Future<Output = Result<std::collections::BTreeSet<u16>>> + Send {
-        async { Ok(std::collections::BTreeSet::new()) }
+    async fn ports_held(&self, _node: &str) -> Result<std::collections::BTreeSet<u16>> {
+        Ok(std::collections::BTreeSet::new())
+    }
+
+    /// What one replica pod and one engine pod request, where nodes' CPU and memory are counted
+    /// (pods on Kubernetes); `None`: not counted.
+    fn pod_requests(&self) -> Option<PodRequests> {
+        None
     }
 
     /// Fails when the orchestrator cannot start anything (for Probe).
     fn check(&self) -> Result<()>;
 
     /// Creates the volume's token if it has none. Never logged or put in a record.
-    fn create_token(&self, volume_id: &str) -> impl Future<Output = Result<String>> + Send;
+    async fn create_token(&self, volume_id: &str) -> Result<String>;
 
     /// The volume's token; an error if it has none (the volume was never built, or is gone).
-    fn token(&self, volume_id: &str) -> impl Future<Output = Result<String>> + Send;
+    async fn token(&self, volume_id: &str) -> Result<String>;
 
     /// The volume's membership authority (DESIGN rule 1). With `create` false, `None` when the
     /// volume has none (reads must not bring back what a delete removed).
@@ -74,12 +85,12 @@ pub trait Orchestrator: Send + Sync + 'static {
 
     /// Makes the replica serve, creating its store with `create_size` bytes if it has none.
     /// Without `create_size` the store must exist (for example made by a clone).
-    fn ensure_replica(
+    async fn ensure_replica(
         &self,
         volume: &VolumeRecord,
         replica: &ReplicaPlacement,
         create_size: Option<u64>,
-    ) -> impl Future<Output = Result<ReplicaEndpoint>> + Send;
+    ) -> Result<ReplicaEndpoint>;
 
     /// Watches the replica's process again if one still runs from an earlier controller (so it
     /// can be stopped); starts nothing.
@@ -94,29 +105,29 @@ pub trait Orchestrator: Send + Sync + 'static {
     fn clone_target_name(&self, volume_id: &str, replica: &ReplicaPlacement) -> String;
 
     /// Stops the replica and removes its data. Idempotent.
-    fn remove_replica(
+    async fn remove_replica(
         &self,
         volume_id: &str,
         replica: &ReplicaPlacement,
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> Result<()>;
 
     /// Makes the volume's engine serve on the attachment's node, for the attachment's generation.
-    fn ensure_engine(
+    async fn ensure_engine(
         &self,
         volume: &VolumeRecord,
         attachment: &Attachment,
         replicas: &[(String, String)],
-    ) -> impl Future<Output = Result<EngineEndpoint>> + Send;
+    ) -> Result<EngineEndpoint>;
 
     /// The volume's engine, if one serves now.
     fn engine(&self, volume_id: &str) -> Option<EngineEndpoint>;
 
     /// Stops the volume's engine. Idempotent.
-    fn stop_engine(&self, volume_id: &str) -> impl Future<Output = Result<()>> + Send;
+    async fn stop_engine(&self, volume_id: &str) -> Result<()>;
 
     /// Removes what remains of a deleted volume (token, membership record). Idempotent.
-    fn forget_volume(&self, volume_id: &str) -> impl Future<Output = Result<()>> + Send;
+    async fn forget_volume(&self, volume_id: &str) -> Result<()>;
 
     /// The controller is exiting: stop watching; stop the processes only if configured to.
-    fn shutdown(&self) -> impl Future<Output = ()> + Send;
+    async fn shutdown(&self);
 }

@@ -11,6 +11,25 @@ pub const PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
 pub const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
 pub const PV_NAME: &str = "csi.storage.k8s.io/pv/name";
 
+/// Keys the external-snapshotter adds with `--extra-create-metadata` to CreateSnapshot.
+pub const SNAPSHOT_NAME: &str = "csi.storage.k8s.io/volumesnapshot/name";
+pub const SNAPSHOT_NAMESPACE: &str = "csi.storage.k8s.io/volumesnapshot/namespace";
+pub const SNAPSHOT_CONTENT_NAME: &str = "csi.storage.k8s.io/volumesnapshotcontent/name";
+
+/// Checks CreateSnapshot parameters: snapshots take none of their own; the snapshotter's
+/// metadata keys are accepted (and not kept). Any other key is an error that names it.
+pub fn check_snapshot_params(params: &HashMap<String, String>) -> Result<(), ControllerError> {
+    let mut keys: Vec<&String> = params.keys().collect();
+    keys.sort();
+    match keys.into_iter().find(|k| ![SNAPSHOT_NAME, SNAPSHOT_NAMESPACE, SNAPSHOT_CONTENT_NAME].contains(&k.as_str())) {
+        Some(k) => Err(ControllerError::InvalidArgument(format!(
+            "unknown snapshot parameter {k:?} (snapshots take none; the snapshotter's {SNAPSHOT_NAME}, \
+             {SNAPSHOT_NAMESPACE} and {SNAPSHOT_CONTENT_NAME} are accepted)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Most replicas a volume may ask for.
 pub const MAX_REPLICAS: usize = 5;
 
@@ -50,8 +69,13 @@ fn fs_type_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 /// A volume's parameters, from its StorageClass.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VolumeParams {
-    /// Replicas wanted (capped by the nodes available when the volume is placed).
+    /// Replicas wanted.
     pub replicas: usize,
+    /// Whether fewer replicas than wanted may be placed when fewer nodes can hold one. True when
+    /// the count is the default (no `replicas` parameter) or `allowFewerReplicas` is "true";
+    /// otherwise a count the cluster cannot place is refused.
+    #[serde(default)]
+    pub allow_fewer_replicas: bool,
     /// Writes need at least this many healthy replicas.
     pub min_healthy_replicas: usize,
     /// Thin volumes count against a node's capacity times the overcommit ratio; thick ones
@@ -77,6 +101,7 @@ impl Default for VolumeParams {
     fn default() -> Self {
         VolumeParams {
             replicas: 3,
+            allow_fewer_replicas: true,
             min_healthy_replicas: 1,
             thin: true,
             fs_type: None,
@@ -103,6 +128,7 @@ impl VolumeParams {
     /// Parses CreateVolume parameters. Every key is known or an error names it.
     pub fn parse(params: &HashMap<String, String>) -> Result<VolumeParams, ControllerError> {
         let mut p = VolumeParams::default();
+        let mut allow_fewer = None;
         let mut keys: Vec<&String> = params.keys().collect();
         keys.sort();
         for key in keys {
@@ -114,7 +140,9 @@ impl VolumeParams {
                         .ok()
                         .filter(|n| (1..=MAX_REPLICAS).contains(n))
                         .ok_or_else(|| bad(key, value, &format!("expected 1 to {MAX_REPLICAS}")))?;
+                    p.allow_fewer_replicas = false;
                 }
+                "allowFewerReplicas" => allow_fewer = Some(bool_param(key, value)?),
                 "minHealthyReplicas" => {
                     p.min_healthy_replicas = value
                         .parse()
@@ -141,11 +169,14 @@ impl VolumeParams {
                 }
                 other => {
                     return Err(ControllerError::InvalidArgument(format!(
-                        "unknown parameter {other:?} (known: replicas, minHealthyReplicas, thin, fsType, \
-                         mkfsOptions, rebuildMiBPerSec)"
+                        "unknown parameter {other:?} (known: replicas, allowFewerReplicas, minHealthyReplicas, \
+                         thin, fsType, mkfsOptions, rebuildMiBPerSec)"
                     )));
                 }
             }
+        }
+        if let Some(a) = allow_fewer {
+            p.allow_fewer_replicas = a;
         }
         if p.min_healthy_replicas > p.replicas {
             return Err(ControllerError::InvalidArgument(format!(
@@ -196,12 +227,35 @@ mod tests {
         .ok();
         let p = p.as_ref();
         assert_eq!(p.map(|p| (p.replicas, p.min_healthy_replicas, p.thin)), Some((2, 2, false)));
+        assert_eq!(p.map(|p| p.allow_fewer_replicas), Some(false), "an explicit count is strict");
         assert_eq!(p.and_then(|p| p.fs_type), Some(FsType::Xfs));
         assert_eq!(p.and_then(|p| p.mkfs_options.as_deref()), Some("-m 0"));
         assert_eq!(p.and_then(|p| p.rebuild_mib_per_sec), Some(50));
         assert_eq!(p.and_then(|p| p.labels.get(PVC_NAME)).map(String::as_str), Some("data-0"));
         let ctx = p.map(VolumeParams::volume_context).unwrap_or_default();
         assert_eq!(ctx.get("fsType").map(String::as_str), Some("xfs"));
+    }
+
+    #[test]
+    fn snapshots_accept_the_snapshotters_metadata_and_nothing_else() {
+        let p = |kv: &[(&str, &str)]| {
+            check_snapshot_params(&kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect())
+        };
+        assert!(p(&[]).is_ok());
+        assert!(p(&[(SNAPSHOT_NAME, "s"), (SNAPSHOT_NAMESPACE, "default"), (SNAPSHOT_CONTENT_NAME, "snapcontent-1")]).is_ok());
+        match p(&[(SNAPSHOT_NAME, "s"), ("replicas", "2")]) {
+            Err(ControllerError::InvalidArgument(m)) => assert!(m.contains("\"replicas\""), "{m}"),
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_the_default_count_or_an_explicit_allowance_may_place_fewer() {
+        let allow = |kv: &[(&str, &str)]| parse(kv).ok().map(|p| p.allow_fewer_replicas);
+        assert_eq!(allow(&[]), Some(true));
+        assert_eq!(allow(&[("replicas", "3")]), Some(false));
+        assert_eq!(allow(&[("replicas", "3"), ("allowFewerReplicas", "true")]), Some(true));
+        assert_eq!(allow(&[("allowFewerReplicas", "false")]), Some(false));
     }
 
     #[test]
@@ -215,6 +269,7 @@ mod tests {
             ("fsType", "btrfs"),
             ("rebuildMiBPerSec", "0"),
             ("mkfsOptions", "a\nb"),
+            ("allowFewerReplicas", "1"),
             ("replica", "3"),
         ] {
             assert!(

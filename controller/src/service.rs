@@ -166,9 +166,9 @@ pub struct RebuildDetails {
 }
 
 /// The controller.
-pub struct Service<O: Orchestrator> {
+pub struct Service {
     store: Arc<dyn Store>,
-    orch: Arc<O>,
+    orch: Arc<dyn Orchestrator>,
     cfg: ServiceConfig,
     guards: Guards,
     /// The identity this controller fences replicas under on detach.
@@ -183,14 +183,14 @@ pub struct Service<O: Orchestrator> {
     cloning: Mutex<HashMap<String, (u64, u64)>>,
 }
 
-impl<O: Orchestrator> std::fmt::Debug for Service<O> {
+impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Service").field("cfg", &self.cfg).finish_non_exhaustive()
     }
 }
 
-impl<O: Orchestrator> Service<O> {
-    pub fn new(store: Arc<dyn Store>, orch: Arc<O>, cfg: ServiceConfig) -> Service<O> {
+impl Service {
+    pub fn new(store: Arc<dyn Store>, orch: Arc<dyn Orchestrator>, cfg: ServiceConfig) -> Service {
         Service {
             store,
             orch,
@@ -202,10 +202,6 @@ impl<O: Orchestrator> Service<O> {
             placing: tokio::sync::Mutex::new(()),
             cloning: Mutex::new(HashMap::new()),
         }
-    }
-
-    pub fn orchestrator(&self) -> &Arc<O> {
-        &self.orch
     }
 
     /// Runs a blocking store call off the async threads.
@@ -420,6 +416,11 @@ impl<O: Orchestrator> Service<O> {
         let placing = self.placing.lock().await;
         let all = self.db(|s| s.volumes()).await?;
         let used = crate::store::provisioned_by_node(&all);
+        let requests = self.orch.pod_requests();
+        let compute_used = match requests {
+            Some(r) => crate::store::compute_by_node(&all, r.replica, r.engine, None),
+            None => Default::default(),
+        };
         let mut placed: Vec<String> =
             clone_from.iter().map(|r| r.node.clone()).take(req.params.replicas).collect();
         if placed.len() < req.params.replicas {
@@ -429,17 +430,20 @@ impl<O: Orchestrator> Service<O> {
                 &placement::Request {
                     size,
                     replicas: req.params.replicas - placed.len(),
+                    allow_fewer: req.params.allow_fewer_replicas,
                     thin: req.params.thin,
                     overcommit: self.cfg.overcommit,
                     requisite: &req.requisite,
                     preferred: &req.preferred,
                     exclude: &placed,
+                    pod: requests.map(|r| r.replica),
+                    compute_used: &compute_used,
                 },
             );
             match more {
                 Ok(nodes) => placed.extend(nodes),
-                // A clone keeps the copies it can make beside the source.
-                Err(_) if !placed.is_empty() => {}
+                // A clone keeps the copies it can make beside the source, where fewer may do.
+                Err(_) if !placed.is_empty() && req.params.allow_fewer_replicas => {}
                 Err(e) => return Err(e),
             }
         }
@@ -844,8 +848,10 @@ impl<O: Orchestrator> Service<O> {
             Some(a) => a.clone(),
             None => {
                 let placing = self.placing.lock().await;
+                let all = self.db(|s| s.volumes()).await?;
+                self.engine_fits(&all, &v.id, &p.node)?;
                 let port = match self.orch.ports() {
-                    Some(_) => self.assign_port(&self.db(|s| s.volumes()).await?, &p.node).await?,
+                    Some(_) => self.assign_port(&all, &p.node).await?,
                     None => None,
                 };
                 let a = Attachment {
@@ -867,6 +873,29 @@ impl<O: Orchestrator> Service<O> {
         let ep = self.orch.ensure_engine(&v, &att, &replicas).await?;
         info!(volume_id = %v.id, node = %p.node, generation = att.generation, socket = %ep.nbd_socket.display(), "published");
         Ok(publish_context(&v, &att, &ep))
+    }
+
+    /// Whether `node` has CPU and memory for the engine pod of volume `volume_id`, with the
+    /// records' other pods counted: a pod the kubelet would refuse (OutOfcpu) is never created.
+    fn engine_fits(&self, all: &[VolumeRecord], volume_id: &str, node: &str) -> Result<()> {
+        let Some(r) = self.orch.pod_requests() else { return Ok(()) };
+        let used = crate::store::compute_by_node(all, r.replica, r.engine, Some(volume_id));
+        let mut used_here = used.get(node).copied().unwrap_or_default();
+        // This volume's own replica on the node stays.
+        let own = all.iter().find(|v| v.id == volume_id).map_or(0, |v| v.replicas.iter().filter(|x| x.node == node).count());
+        for _ in 0..own {
+            used_here.add(&r.replica);
+        }
+        let info = self.nodes().into_iter().find(|n| n.name == node);
+        let Some(room) = info.and_then(|n| n.compute).map(|c| c.saturating_sub(&used_here)) else { return Ok(()) };
+        if room.fits(&r.engine) {
+            Ok(())
+        } else {
+            Err(ControllerError::ResourceExhausted(format!(
+                "node {node} has {room} left for Barnacle's pods; the volume's engine pod needs {}",
+                r.engine
+            )))
+        }
     }
 
     /// ControllerUnpublishVolume: stops the engine and fences the volume (rule 10). OK when the

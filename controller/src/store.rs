@@ -292,6 +292,27 @@ pub fn provisioned_by_node(volumes: &[VolumeRecord]) -> BTreeMap<String, (u64, u
     out
 }
 
+/// CPU and memory the records' replica and engine pods request on each node, each replica pod
+/// asking `replica` and each engine `engine`; the volume `except` is left out (its own pods are
+/// being placed).
+pub fn compute_by_node(
+    volumes: &[VolumeRecord],
+    replica: crate::placement::Compute,
+    engine: crate::placement::Compute,
+    except: Option<&str>,
+) -> crate::placement::UsedCompute {
+    let mut out = crate::placement::UsedCompute::new();
+    for v in volumes.iter().filter(|v| Some(v.id.as_str()) != except) {
+        for r in &v.replicas {
+            out.entry(r.node.clone()).or_default().add(&replica);
+        }
+        if let Some(a) = &v.attachment {
+            out.entry(a.node.clone()).or_default().add(&engine);
+        }
+    }
+    out
+}
+
 /// Host ports held on `node` by replicas and engines (the first of each pair).
 pub fn ports_on_node(volumes: &[VolumeRecord], node: &str) -> std::collections::BTreeSet<u16> {
     let mut out = std::collections::BTreeSet::new();

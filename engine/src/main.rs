@@ -215,6 +215,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     for t in tasks {
         let _ = t.await;
     }
+    // The socket goes with this engine: a successor binds its own (a path of its generation).
+    if let Some(path) = &args.nbd_socket {
+        let _ = std::fs::remove_file(path);
+    }
     if code != 0 {
         error!(volume_id = %args.volume_id, "deposed by a newer engine; exiting");
         std::process::exit(code);

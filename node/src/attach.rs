@@ -567,12 +567,17 @@ impl Attacher {
         }
         // The helper exits when its filesystem is unmounted; one that does not is killed.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let log = self.log_file(volume_id);
         loop {
             let pids = self.helper_pids(volume_id);
             if pids.is_empty() {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
+                // Its log goes with the volume: keep its end in this plugin's log.
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                warn!(volume_id, pids = ?pids, last_lines = ?tail, "the FUSE helper did not exit: killing it");
                 for p in pids {
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(p),
@@ -584,6 +589,7 @@ impl Attacher {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = std::fs::remove_dir(&mnt);
+        let _ = std::fs::remove_file(&log);
         Ok(())
     }
 

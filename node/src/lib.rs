@@ -5,14 +5,18 @@
 //! - [`service`]: the operations, under a per-volume guard, idempotent from the kernel's state;
 //! - [`attach`]: a volume's NBD export as a block device (FUSE file + loop device here);
 //! - [`fuse`] and [`nbd_client`]: the `barnacle-nbd-fuse` helper's filesystem and NBD client;
+//! - [`host`]: the check (and fix) that the host path shared with the host is a shared mount;
+//! - [`registration`]: registration with the kubelet (the node-driver-registrar's role);
 //! - [`sys`]: mounts, loop devices, signatures and the external tools.
 
 pub mod attach;
 pub mod csi;
 pub mod error;
 pub mod fuse;
+pub mod host;
 pub mod kernel_nbd;
 pub mod nbd_client;
+pub mod registration;
 pub mod service;
 pub mod sys;
 
@@ -28,7 +32,8 @@ pub async fn run(
     service: Arc<service::NodeService>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // Kubelets before 1.26 send the socket path as :authority; csi_proto::uds makes it valid.
+    let incoming = csi_proto::uds::incoming(listener);
     tonic::transport::Server::builder()
         .add_service(csi_proto::v1::identity_server::IdentityServer::new(csi::Identity {
             service: service.clone(),

@@ -18,6 +18,15 @@ pub struct MountEntry {
     pub fstype: String,
     pub source: String,
     pub options: String,
+    /// The optional fields (`shared:N`, `master:N`, …): the mount's propagation.
+    pub propagation: Vec<String>,
+}
+
+impl MountEntry {
+    /// Whether mounts made under it propagate to its peers (`shared:N`).
+    pub fn is_shared(&self) -> bool {
+        self.propagation.iter().any(|f| f.starts_with("shared:"))
+    }
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space, …).
@@ -55,6 +64,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
                 fstype: (*r.first()?).to_owned(),
                 source: unescape(r.get(1)?),
                 options: (*l.get(5)?).to_owned(),
+                propagation: l.get(6..).unwrap_or_default().iter().map(|f| (*f).to_owned()).collect(),
             })
         })
         .collect()
@@ -372,6 +382,8 @@ mod tests {
         );
         assert_eq!(m[0].options, "rw,noatime");
         assert_eq!((m[1].fstype.as_str(), m[1].source.as_str()), ("fuse.barnacle", "barnacle:vol-1"));
+        assert!(!m[0].is_shared() && m[1].is_shared());
+        assert_eq!(m[0].propagation, ["master:1"]);
     }
 
     #[test]

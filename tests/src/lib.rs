@@ -3,7 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod cluster;
 pub mod k8s;
+pub mod sidecars;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
