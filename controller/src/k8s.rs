@@ -230,8 +230,12 @@ fn cannot_start(p: &Pod) -> Option<String> {
     })
 }
 
-/// A replica or engine pod of this controller's (their requests are counted from the records).
-fn data_plane_pod(p: &Pod) -> bool {
+/// A replica or engine pod of the controller of `namespace` (their requests are counted from
+/// the records).
+fn data_plane_pod(p: &Pod, namespace: &str) -> bool {
+    if p.metadata.namespace.as_deref() != Some(namespace) {
+        return false;
+    }
     let labels = p.metadata.labels.as_ref();
     let get = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
     get("app.kubernetes.io/managed-by") == Some("barnacle-controller")
@@ -320,7 +324,7 @@ impl KubeOrchestrator {
         let running = ListParams::default().fields("status.phase!=Succeeded,status.phase!=Failed");
         let pods = Api::<Pod>::all(self.client.clone()).list(&running).await.map_err(err)?;
         let mut taken: HashMap<String, Compute> = HashMap::new();
-        for p in pods.items.iter().filter(|p| !data_plane_pod(p)) {
+        for p in pods.items.iter().filter(|p| !data_plane_pod(p, &self.cfg.namespace)) {
             if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.as_ref()) {
                 taken.entry(node.clone()).or_default().add(&pod_requests(p));
             }

@@ -36,7 +36,16 @@ async fn snapshots_expansion_status_and_shutdown() {
         .collect();
     let ids: Vec<(String, SocketAddr)> =
         replicas.iter().enumerate().map(|(i, r)| (format!("r{i}"), r.data)).collect();
-    let mut engine = EngineProcess::start(VOL, &token, &ids, &root.path().join("engine"), &[], &log);
+    // No rebuild retries during the test: the replica removed below must stay ejected while
+    // the metrics are read, however slow the machine.
+    let mut engine = EngineProcess::start(
+        VOL,
+        &token,
+        &ids,
+        &root.path().join("engine"),
+        &["--rebuild-retry-ms", "600000"],
+        &log,
+    );
     let uri = engine.uri(VOL);
     let mut m = EngineManagerClient::connect(format!("http://{}", engine.mgmt)).await.unwrap();
 
