@@ -123,7 +123,7 @@ pub enum VolumeCmd {
     Create {
         name: String,
         /// Size with binary units (1GiB, 512MiB).
-        #[arg(long, value_parser = barnacle_replica::units::parse_size)]
+        #[arg(long, value_parser = barnacle_daemon::units::parse_size)]
         size: u64,
         /// Replicas, one per node. Default: 3, or as many as there are nodes if fewer. A count
         /// given here that the nodes cannot hold is an error, unless --allow-fewer.
@@ -148,7 +148,7 @@ pub enum VolumeCmd {
     /// Grow a volume (online when attached: the filesystem grows too).
     Expand {
         name: String,
-        #[arg(long, value_parser = barnacle_replica::units::parse_size)]
+        #[arg(long, value_parser = barnacle_daemon::units::parse_size)]
         size: u64,
     },
     /// Delete a volume (detach it first).

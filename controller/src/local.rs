@@ -59,7 +59,7 @@ impl LocalNode {
                 Some(("zone", z)) if !z.is_empty() => node.zone = Some(z.to_owned()),
                 Some(("capacity", c)) => {
                     node.capacity =
-                        Some(barnacle_replica::units::parse_size(c).map_err(|e| format!("{s:?}: {e}"))?);
+                        Some(barnacle_daemon::units::parse_size(c).map_err(|e| format!("{s:?}: {e}"))?);
                 }
                 _ => return Err(format!("{s:?}: unknown option {p:?} (zone=, capacity=)")),
             }

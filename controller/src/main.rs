@@ -14,7 +14,7 @@ use barnacle_controller::leader::Election;
 use barnacle_controller::local::{LocalConfig, LocalNode, LocalOrchestrator};
 use barnacle_controller::service::{Service, ServiceConfig};
 use barnacle_controller::store::RocksStore;
-use barnacle_replica::process;
+use barnacle_daemon::process;
 use clap::Parser;
 use tracing::{info, warn};
 
@@ -136,9 +136,9 @@ fn parse_resources(s: &str) -> Result<ResourceRequirements, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    barnacle_replica::process::init_tracing();
+    barnacle_daemon::process::init_tracing();
     let args = Args::parse();
-    barnacle_replica::process::runtime(2)?.block_on(serve(args))
+    barnacle_daemon::process::runtime(2)?.block_on(serve(args))
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {

@@ -72,7 +72,7 @@ struct Args {
     #[arg(long)]
     read_only: bool,
     /// Async worker threads (disk IO runs on a separate blocking pool).
-    #[arg(long, default_value_t = barnacle_replica::process::DEFAULT_WORKER_THREADS)]
+    #[arg(long, default_value_t = barnacle_daemon::process::DEFAULT_WORKER_THREADS)]
     worker_threads: usize,
     /// Write {"nbd": ADDR, "socket": PATH, "mgmt": ADDR, "metrics": ADDR, "pid": N,
     /// "resynced_bytes": N} here once serving.
@@ -90,19 +90,19 @@ fn parse_replica(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    barnacle_replica::process::init_tracing();
+    barnacle_daemon::process::init_tracing();
     let args = Args::parse();
-    barnacle_replica::process::runtime(args.worker_threads)?.block_on(serve(args))
+    barnacle_daemon::process::runtime(args.worker_threads)?.block_on(serve(args))
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    barnacle_replica::process::set_io_flusher();
-    barnacle_replica::process::tune_malloc();
+    barnacle_daemon::process::set_io_flusher();
+    barnacle_daemon::process::tune_malloc();
     anyhow::ensure!(
         args.nbd_listen.is_some() || args.nbd_socket.is_some(),
         "give --nbd-listen or --nbd-socket"
     );
-    let token = barnacle_replica::process::read_token(&args.token_file)?;
+    let token = barnacle_daemon::process::read_token(&args.token_file)?;
     let cfg = VolumeConfig {
         volume_id: args.volume_id.clone(),
         token: token.clone(),

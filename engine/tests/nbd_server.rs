@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use barnacle_engine::nbd::proto::*;
+use barnacle_nbd_proto::*;
 use barnacle_engine::nbd::{Backend, ExportConfig, IoError, serve_connection};
 use barnacle_replica::shm::{Area, Slot};
 use bytes::Bytes;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use barnacle_node::attach::{Attacher, Method};
 use barnacle_node::service::{NodeConfig, NodeService};
-use barnacle_replica::process;
+use barnacle_daemon::process;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -69,12 +69,12 @@ enum Sub {
 }
 
 fn main() -> anyhow::Result<()> {
-    barnacle_replica::process::init_tracing();
+    barnacle_daemon::process::init_tracing();
     let args = Args::parse();
     if let Some(Sub::HostCheck { path, fix }) = &args.command {
         return host_check(path, *fix);
     }
-    barnacle_replica::process::runtime(2)?.block_on(serve(args))
+    barnacle_daemon::process::runtime(2)?.block_on(serve(args))
 }
 
 /// `barnacle-node host-check`: see [`barnacle_node::host`].

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use barnacle_engine::nbd::proto::*;
+use barnacle_nbd_proto::*;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -48,14 +48,6 @@ impl ExportInfo {
     }
 }
 
-fn option(opt: u32, data: &[u8]) -> Vec<u8> {
-    let mut b = IHAVEOPT.to_be_bytes().to_vec();
-    b.extend_from_slice(&opt.to_be_bytes());
-    b.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_be_bytes());
-    b.extend_from_slice(data);
-    b
-}
-
 fn neg(msg: impl Into<String>) -> NbdError {
     NbdError::Negotiation(msg.into())
 }
@@ -73,12 +65,9 @@ pub async fn negotiate(s: &mut UnixStream, export: &str, go: bool) -> Result<Exp
     let client_flags =
         CLIENT_FIXED_NEWSTYLE | if server_flags & FLAG_NO_ZEROES != 0 { CLIENT_NO_ZEROES } else { 0 };
     s.write_all(&client_flags.to_be_bytes()).await?;
-    let mut d = u32::try_from(export.len()).map_err(|_| neg("export name too long"))?.to_be_bytes().to_vec();
-    d.extend_from_slice(export.as_bytes());
-    d.extend_from_slice(&1u16.to_be_bytes());
-    d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    let d = encode_info_request(export, &[INFO_BLOCK_SIZE]).ok_or_else(|| neg("export name too long"))?;
     let opt = if go { OPT_GO } else { OPT_INFO };
-    s.write_all(&option(opt, &d)).await?;
+    s.write_all(&encode_option(opt, &d)).await?;
     let mut info = ExportInfo { size: 0, flags: 0, min_block: 1, max_block: 32 << 20 };
     let mut have_export = false;
     loop {
@@ -95,19 +84,19 @@ pub async fn negotiate(s: &mut UnixStream, export: &str, go: bool) -> Result<Exp
         s.read_exact(&mut data).await?;
         match typ {
             REP_ACK => break,
-            REP_INFO if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT => {
-                let mut sz = [0u8; 8];
-                sz.copy_from_slice(&data[2..10]);
-                info.size = u64::from_be_bytes(sz);
-                info.flags = u16::from_be_bytes([data[10], data[11]]);
-                have_export = true;
-            }
-            REP_INFO if data.len() >= 14 && u16::from_be_bytes([data[0], data[1]]) == INFO_BLOCK_SIZE => {
-                let g = |i: usize| u32::from_be_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
-                info.min_block = g(2);
-                info.max_block = g(10);
-            }
-            REP_INFO => {}
+            REP_INFO => match parse_info(&data) {
+                Some(Info::Export { size, flags }) => {
+                    info.size = size;
+                    info.flags = flags;
+                    have_export = true;
+                }
+                Some(Info::BlockSize { min, max, .. }) => {
+                    info.min_block = min;
+                    info.max_block = max;
+                }
+                // Other information, or a malformed reply (ignored, as before).
+                _ => {}
+            },
             t if t & (1 << 31) != 0 => {
                 return Err(neg(format!(
                     "export {export:?} refused ({t:#x}): {}",
@@ -121,7 +110,7 @@ pub async fn negotiate(s: &mut UnixStream, export: &str, go: bool) -> Result<Exp
         return Err(neg("no export information"));
     }
     if !go {
-        s.write_all(&option(OPT_ABORT, &[])).await?;
+        s.write_all(&encode_option(OPT_ABORT, &[])).await?;
     }
     Ok(info)
 }
@@ -186,13 +175,7 @@ impl Conn {
             self.pending.lock().remove(&cookie);
             return Err(NbdError::Unreachable("connection closed".into()));
         }
-        let mut head = [0u8; REQUEST_LEN];
-        head[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        head[4..6].copy_from_slice(&flags.to_be_bytes());
-        head[6..8].copy_from_slice(&command.to_be_bytes());
-        head[8..16].copy_from_slice(&cookie.to_be_bytes());
-        head[16..24].copy_from_slice(&offset.to_be_bytes());
-        head[24..28].copy_from_slice(&length.to_be_bytes());
+        let head = encode_request(&RequestHeader { flags, command, cookie, offset, length });
         let sent: std::io::Result<()> = async {
             let mut wr = self.wr.lock().await;
             wr.write_all(&head).await?;
@@ -221,15 +204,12 @@ async fn read_replies(
 ) {
     let res: Result<(), NbdError> = async {
         loop {
-            let magic = tokio::select! {
-                m = rd.read_u32() => m?,
+            let mut head = [0u8; SIMPLE_REPLY_LEN];
+            tokio::select! {
+                r = rd.read_exact(&mut head) => { r?; }
                 () = closed.cancelled() => return Ok(()),
             };
-            if magic != SIMPLE_REPLY_MAGIC {
-                return Err(neg("bad reply magic"));
-            }
-            let errno = rd.read_u32().await?;
-            let cookie = rd.read_u64().await?;
+            let (errno, cookie) = parse_simple_reply(&head).map_err(|e| neg(e.to_string()))?;
             let Some(w) = pending.lock().remove(&cookie) else {
                 return Err(neg(format!("reply to unknown cookie {cookie}")));
             };

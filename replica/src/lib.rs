@@ -10,11 +10,9 @@
 pub mod client;
 pub mod error;
 pub mod mgmt;
-pub mod process;
 pub mod server;
 pub mod shm;
 pub mod store;
-pub mod units;
 pub mod wire;
 
 use std::sync::Arc;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use barnacle_replica::server::{Replica, ServerConfig};
 use barnacle_replica::store::DEFAULT_CLUSTER_SIZE;
-use barnacle_replica::units::parse_size;
+use barnacle_daemon::units::parse_size;
 use clap::Parser;
 use tracing::info;
 
@@ -50,7 +50,7 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     max_in_flight: usize,
     /// Async worker threads (disk IO runs on a separate blocking pool).
-    #[arg(long, default_value_t = barnacle_replica::process::DEFAULT_WORKER_THREADS)]
+    #[arg(long, default_value_t = barnacle_daemon::process::DEFAULT_WORKER_THREADS)]
     worker_threads: usize,
     /// Write the bound addresses here as JSON once serving.
     #[arg(long)]
@@ -58,15 +58,15 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    barnacle_replica::process::init_tracing();
+    barnacle_daemon::process::init_tracing();
     let args = Args::parse();
-    barnacle_replica::process::runtime(args.worker_threads)?.block_on(serve(args))
+    barnacle_daemon::process::runtime(args.worker_threads)?.block_on(serve(args))
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    barnacle_replica::process::set_io_flusher();
-    barnacle_replica::process::tune_malloc();
-    let token = barnacle_replica::process::read_token(&args.token_file)?;
+    barnacle_daemon::process::set_io_flusher();
+    barnacle_daemon::process::tune_malloc();
+    let token = barnacle_daemon::process::read_token(&args.token_file)?;
     let cfg = ServerConfig {
         volume_id: args.volume_id.clone(),
         token,
@@ -87,7 +87,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.mgmt_listen))?;
     let data_unix = match &args.listen_unix {
-        Some(path) => Some(barnacle_replica::process::bind_private_socket(path)?),
+        Some(path) => Some(barnacle_daemon::process::bind_private_socket(path)?),
         None => None,
     };
     let (data_addr, mgmt_addr) = (data.local_addr()?, mgmt.local_addr()?);
@@ -97,9 +97,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         if let Some(path) = &args.listen_unix {
             body["data_unix"] = format!("unix:{}", path.display()).into();
         }
-        barnacle_replica::process::write_ready_file(path, &body)?;
+        barnacle_daemon::process::write_ready_file(path, &body)?;
     }
-    let shutdown = barnacle_replica::process::shutdown_on_signals();
+    let shutdown = barnacle_daemon::process::shutdown_on_signals();
     barnacle_replica::run(data, data_unix, mgmt, replica, shutdown).await?;
     Ok(())
 }

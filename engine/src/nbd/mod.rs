@@ -9,7 +9,6 @@
 //! flush goes to every replica and each replica's flush covers every write it acknowledged, whatever
 //! connection it came from.
 
-pub mod proto;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use self::proto::*;
+use barnacle_nbd_proto::*;
 
 /// How long a client may take to negotiate an export.
 pub const NEGOTIATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -183,13 +182,7 @@ where
                     // This option has no error reply: the protocol says to close.
                     return Err(ConnError::Protocol(format!("unknown export {name:?}")));
                 }
-                let mut b = Vec::with_capacity(134);
-                b.extend_from_slice(&backend.size().to_be_bytes());
-                b.extend_from_slice(&cfg.transmission_flags().to_be_bytes());
-                if !no_zeroes {
-                    b.extend_from_slice(&[0u8; 124]);
-                }
-                wr.write_all(&b).await?;
+                wr.write_all(&export_name_reply(backend.size(), cfg.transmission_flags(), no_zeroes)).await?;
                 wr.flush().await?;
                 return Ok(true);
             }
@@ -200,10 +193,7 @@ where
             }
             OPT_LIST => {
                 if data.is_empty() {
-                    let mut d = Vec::new();
-                    d.extend_from_slice(&u32::try_from(cfg.name.len()).unwrap_or(0).to_be_bytes());
-                    d.extend_from_slice(cfg.name.as_bytes());
-                    wr.write_all(&option_reply(option, REP_SERVER, &d)).await?;
+                    wr.write_all(&option_reply(option, REP_SERVER, &encode_server_reply(&cfg.name))).await?;
                     wr.write_all(&option_reply(option, REP_ACK, &[])).await?;
                 } else {
                     wr.write_all(&option_reply(option, REP_ERR_INVALID, b"OPT_LIST takes no data")).await?;
@@ -218,28 +208,22 @@ where
                     wr.write_all(&option_reply(option, REP_ERR_UNKNOWN, b"no such export")).await?;
                 }
                 Some(req) => {
-                    let mut export = Vec::with_capacity(12);
-                    export.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-                    export.extend_from_slice(&backend.size().to_be_bytes());
-                    export.extend_from_slice(&cfg.transmission_flags().to_be_bytes());
-                    wr.write_all(&option_reply(option, REP_INFO, &export)).await?;
+                    let mut infos = vec![Info::Export { size: backend.size(), flags: cfg.transmission_flags() }];
                     if req.requests.contains(&INFO_BLOCK_SIZE) {
-                        let mut bs = Vec::with_capacity(14);
-                        bs.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-                        bs.extend_from_slice(&cfg.min_block.to_be_bytes());
-                        bs.extend_from_slice(&cfg.preferred_block.to_be_bytes());
-                        bs.extend_from_slice(&cfg.max_block.to_be_bytes());
-                        wr.write_all(&option_reply(option, REP_INFO, &bs)).await?;
+                        infos.push(Info::BlockSize {
+                            min: cfg.min_block,
+                            preferred: cfg.preferred_block,
+                            max: cfg.max_block,
+                        });
                     }
                     if req.requests.contains(&INFO_NAME) {
-                        let mut n = INFO_NAME.to_be_bytes().to_vec();
-                        n.extend_from_slice(cfg.name.as_bytes());
-                        wr.write_all(&option_reply(option, REP_INFO, &n)).await?;
+                        infos.push(Info::Name(cfg.name.clone()));
                     }
                     if req.requests.contains(&INFO_DESCRIPTION) {
-                        let mut n = INFO_DESCRIPTION.to_be_bytes().to_vec();
-                        n.extend_from_slice(b"Barnacle replicated volume");
-                        wr.write_all(&option_reply(option, REP_INFO, &n)).await?;
+                        infos.push(Info::Description("Barnacle replicated volume".into()));
+                    }
+                    for info in &infos {
+                        wr.write_all(&option_reply(option, REP_INFO, &encode_info(info))).await?;
                     }
                     wr.write_all(&option_reply(option, REP_ACK, &[])).await?;
                     if option == OPT_GO {

@@ -31,11 +31,11 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    barnacle_replica::process::init_tracing();
+    barnacle_daemon::process::init_tracing();
     let args = Args::parse();
     // It serves block IO: memory reclaim must not wait on it (DESIGN rule 12).
-    barnacle_replica::process::set_io_flusher();
-    let rt = barnacle_replica::process::runtime(2)?;
+    barnacle_daemon::process::set_io_flusher();
+    let rt = barnacle_daemon::process::runtime(2)?;
     let client = rt
         .block_on(Client::connect(args.socket.clone(), args.export.clone(), RECONNECT_PATIENCE))
         .with_context(|| format!("connecting to {}", args.socket.display()))?;

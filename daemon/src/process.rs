@@ -1,6 +1,30 @@
-//! Process set-up shared by the Barnacle daemons that serve block IO.
+//! Process set-up shared by the Barnacle daemons: logging, the async runtime, private unix
+//! sockets, ready files, signal shutdown, and for those that serve block IO the IO-flusher flag
+//! and malloc tuning.
+
+use std::path::{Path, PathBuf};
 
 use tracing::warn;
+
+/// Why a daemon could not set itself up; each names what it was working on.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("reading token file {path}: {source}")]
+    Token { path: PathBuf, source: std::io::Error },
+    #[error("token file {0} is empty")]
+    EmptyToken(PathBuf),
+    #[error("starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("endpoint {0:?} is not unix:///PATH")]
+    Endpoint(String),
+    #[error("{what} {path}: {source}")]
+    Path { what: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+fn at(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let path = path.to_owned();
+    move |source| DaemonError::Path { what, path, source }
+}
 
 /// Marks this process as one that frees memory by doing IO (`PR_SET_IO_FLUSHER`), so memory
 /// reclaim does not deadlock waiting on it (DESIGN rule 12). Logged, not fatal, when refused.
@@ -43,13 +67,14 @@ pub fn tune_malloc() {
 }
 
 /// Reads a volume token from `path` (surrounding whitespace dropped); an empty file is an error.
-pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
-    use anyhow::Context;
+pub fn read_token(path: &Path) -> Result<String, DaemonError> {
     let token = std::fs::read_to_string(path)
-        .with_context(|| format!("reading token file {}", path.display()))?
+        .map_err(|source| DaemonError::Token { path: path.to_owned(), source })?
         .trim()
         .to_owned();
-    anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
+    if token.is_empty() {
+        return Err(DaemonError::EmptyToken(path.to_owned()));
+    }
     Ok(token)
 }
 
@@ -61,43 +86,41 @@ pub const DEFAULT_WORKER_THREADS: usize = 1;
 
 /// Builds the multi-threaded tokio runtime of a daemon with `worker_threads` async threads
 /// (at least one). The blocking pool (disk IO, RocksDB) is separate and not limited by this.
-pub fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    use anyhow::Context;
+pub fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime, DaemonError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads.max(1))
         .enable_all()
         .build()
-        .context("starting the async runtime")
+        .map_err(DaemonError::Runtime)
 }
 
 /// The socket path of a `unix:///path` endpoint (the form CSI endpoints take).
-pub fn unix_endpoint(endpoint: &str) -> anyhow::Result<std::path::PathBuf> {
+pub fn unix_endpoint(endpoint: &str) -> Result<PathBuf, DaemonError> {
     endpoint
         .strip_prefix("unix://")
         .filter(|p| p.starts_with('/'))
-        .map(std::path::PathBuf::from)
-        .ok_or_else(|| anyhow::anyhow!("endpoint {endpoint:?} is not unix:///PATH"))
+        .map(PathBuf::from)
+        .ok_or_else(|| DaemonError::Endpoint(endpoint.to_owned()))
 }
 
 /// Binds a unix socket only root may use (0600), replacing a stale one and creating its directory.
-pub fn bind_private_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
-    use anyhow::Context;
+pub fn bind_private_socket(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(at("creating", dir))?;
     }
     // A socket left by an earlier run would make bind fail.
     let _ = std::fs::remove_file(path);
-    let listener =
-        tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let listener = tokio::net::UnixListener::bind(path).map_err(at("binding", path))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(at("setting the mode of", path))?;
     Ok(listener)
 }
 
 /// Writes a ready file atomically (a reader sees the whole JSON or nothing).
-pub fn write_ready_file(path: &std::path::Path, body: &serde_json::Value) -> anyhow::Result<()> {
+pub fn write_ready_file(path: &Path, body: &serde_json::Value) -> Result<(), DaemonError> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, body.to_string())?;
-    std::fs::rename(&tmp, path)?;
+    std::fs::write(&tmp, body.to_string()).map_err(at("writing", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(at("renaming into", path))?;
     Ok(())
 }
 
