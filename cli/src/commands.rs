@@ -220,7 +220,11 @@ pub async fn volume(ctx: &Ctx, cmd: VolumeCmd) -> Result<Out, CliError> {
             if let Some(n) = replicas.filter(|n| v.replicas.len() < *n) {
                 #[allow(clippy::print_stderr)]
                 {
-                    eprintln!("note: {} of {n} replicas placed: only {} nodes can hold one", v.replicas.len(), v.replicas.len());
+                    eprintln!(
+                        "note: {} of {n} replicas placed: only {} nodes can hold one",
+                        v.replicas.len(),
+                        v.replicas.len()
+                    );
                 }
             }
             Ok(one_volume(&v))
@@ -665,8 +669,8 @@ pub async fn nodes(ctx: &Ctx) -> Result<Out, CliError> {
 /// `barnacle probe`: Identity.Probe on a CSI endpoint, within 10 s.
 pub async fn probe(endpoint: &str) -> Result<Out, CliError> {
     let path = std::path::Path::new(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
-    let channel =
-        csi_proto::unix_channel(&path.display().to_string()).map_err(|e| unreachable("the CSI endpoint", path, e))?;
+    let channel = csi_proto::unix_channel(&path.display().to_string())
+        .map_err(|e| unreachable("the CSI endpoint", path, e))?;
     let mut c = csi::identity_client::IdentityClient::new(channel);
     let call = c.probe(csi::ProbeRequest {});
     let reply = tokio::time::timeout(std::time::Duration::from_secs(10), call)

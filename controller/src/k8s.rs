@@ -686,7 +686,10 @@ impl KubeOrchestrator {
                     return Err(orch(volume_id, format!("pod {name} stopped ({} {reason})", pod_phase(&p))));
                 }
                 Some(p) if cannot_start(&p).is_some() => {
-                    return Err(orch(volume_id, format!("pod {name}: {}", cannot_start(&p).unwrap_or_default())));
+                    return Err(orch(
+                        volume_id,
+                        format!("pod {name}: {}", cannot_start(&p).unwrap_or_default()),
+                    ));
                 }
                 None => return Err(orch(volume_id, format!("pod {name} is gone"))),
                 Some(_) => {}
@@ -996,8 +999,13 @@ mod tests {
         assert_eq!(parse_cpu_milli("2"), Some(2000));
         assert_eq!(parse_cpu_milli("two"), None);
         let r: ResourceRequirements =
-            serde_json::from_str(r#"{"requests":{"memory":"64Mi"},"limits":{"cpu":"250m","memory":"1Gi"}}"#).unwrap();
-        assert_eq!(requests_of(&r), Compute { cpu_milli: 250, memory: 64 << 20 }, "a limit alone requests itself");
+            serde_json::from_str(r#"{"requests":{"memory":"64Mi"},"limits":{"cpu":"250m","memory":"1Gi"}}"#)
+                .unwrap();
+        assert_eq!(
+            requests_of(&r),
+            Compute { cpu_milli: 250, memory: 64 << 20 },
+            "a limit alone requests itself"
+        );
         assert!(check_resources(&r).is_ok());
         let bad: ResourceRequirements = serde_json::from_str(r#"{"requests":{"gpu":"1"}}"#).unwrap();
         assert!(check_resources(&bad).is_err());

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::ResourceRequirements;
 use barnacle_controller::k8s::{KubeConfig, KubeOrchestrator};
 use barnacle_controller::k8s_store::KubeStore;
 use barnacle_controller::leader::Election;
@@ -16,6 +15,7 @@ use barnacle_controller::service::{Service, ServiceConfig};
 use barnacle_controller::store::RocksStore;
 use barnacle_daemon::process;
 use clap::Parser;
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use tracing::{info, warn};
 
 /// Where the volumes' replicas and engines run.
@@ -126,7 +126,8 @@ fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
 
 /// What an idle replica or engine uses, measured on a real node (docs/kubernetes.md), with
 /// room for IO buffers under the memory limit.
-const DEFAULT_POD_RESOURCES: &str = r#"{"requests":{"cpu":"50m","memory":"64Mi"},"limits":{"memory":"512Mi"}}"#;
+const DEFAULT_POD_RESOURCES: &str =
+    r#"{"requests":{"cpu":"50m","memory":"64Mi"},"limits":{"memory":"512Mi"}}"#;
 
 fn parse_resources(s: &str) -> Result<ResourceRequirements, String> {
     let r: ResourceRequirements =

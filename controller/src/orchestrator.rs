@@ -105,11 +105,7 @@ pub trait Orchestrator: Send + Sync + 'static {
     fn clone_target_name(&self, volume_id: &str, replica: &ReplicaPlacement) -> String;
 
     /// Stops the replica and removes its data. Idempotent.
-    async fn remove_replica(
-        &self,
-        volume_id: &str,
-        replica: &ReplicaPlacement,
-    ) -> Result<()>;
+    async fn remove_replica(&self, volume_id: &str, replica: &ReplicaPlacement) -> Result<()>;
 
     /// Makes the volume's engine serve on the attachment's node, for the attachment's generation.
     async fn ensure_engine(

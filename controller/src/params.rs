@@ -21,7 +21,10 @@ pub const SNAPSHOT_CONTENT_NAME: &str = "csi.storage.k8s.io/volumesnapshotconten
 pub fn check_snapshot_params(params: &HashMap<String, String>) -> Result<(), ControllerError> {
     let mut keys: Vec<&String> = params.keys().collect();
     keys.sort();
-    match keys.into_iter().find(|k| ![SNAPSHOT_NAME, SNAPSHOT_NAMESPACE, SNAPSHOT_CONTENT_NAME].contains(&k.as_str())) {
+    match keys
+        .into_iter()
+        .find(|k| ![SNAPSHOT_NAME, SNAPSHOT_NAMESPACE, SNAPSHOT_CONTENT_NAME].contains(&k.as_str()))
+    {
         Some(k) => Err(ControllerError::InvalidArgument(format!(
             "unknown snapshot parameter {k:?} (snapshots take none; the snapshotter's {SNAPSHOT_NAME}, \
              {SNAPSHOT_NAMESPACE} and {SNAPSHOT_CONTENT_NAME} are accepted)"
@@ -242,7 +245,14 @@ mod tests {
             check_snapshot_params(&kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect())
         };
         assert!(p(&[]).is_ok());
-        assert!(p(&[(SNAPSHOT_NAME, "s"), (SNAPSHOT_NAMESPACE, "default"), (SNAPSHOT_CONTENT_NAME, "snapcontent-1")]).is_ok());
+        assert!(
+            p(&[
+                (SNAPSHOT_NAME, "s"),
+                (SNAPSHOT_NAMESPACE, "default"),
+                (SNAPSHOT_CONTENT_NAME, "snapcontent-1")
+            ])
+            .is_ok()
+        );
         match p(&[(SNAPSHOT_NAME, "s"), ("replicas", "2")]) {
             Err(ControllerError::InvalidArgument(m)) => assert!(m.contains("\"replicas\""), "{m}"),
             other => panic!("expected InvalidArgument, got {other:?}"),

@@ -22,7 +22,10 @@ impl Compute {
     }
 
     pub fn saturating_sub(&self, o: &Compute) -> Compute {
-        Compute { cpu_milli: self.cpu_milli.saturating_sub(o.cpu_milli), memory: self.memory.saturating_sub(o.memory) }
+        Compute {
+            cpu_milli: self.cpu_milli.saturating_sub(o.cpu_milli),
+            memory: self.memory.saturating_sub(o.memory),
+        }
     }
 
     pub fn add(&mut self, o: &Compute) {
@@ -133,7 +136,11 @@ pub fn place(nodes: &[NodeInfo], used: &Used, req: &Request<'_>) -> Result<Vec<S
             allowed.len(),
             if allowed.len() == 1 { "" } else { "s" },
             if req.requisite.is_empty() { "" } else { " in the volume's accessible topology" },
-            if req.exclude.is_empty() { String::new() } else { format!(" besides {}", req.exclude.join(", ")) },
+            if req.exclude.is_empty() {
+                String::new()
+            } else {
+                format!(" besides {}", req.exclude.join(", "))
+            },
             allowed.len()
         )));
     }
@@ -262,7 +269,10 @@ mod tests {
         r.allow_fewer = false;
         match place(&nodes, &Used::new(), &r) {
             Err(ControllerError::ResourceExhausted(m)) => {
-                assert!(m.contains("room for a replica pod (50m CPU and 64 MiB of memory); 1 have it"), "{m}");
+                assert!(
+                    m.contains("room for a replica pod (50m CPU and 64 MiB of memory); 1 have it"),
+                    "{m}"
+                );
                 assert!(m.contains("b has 20m CPU") && m.contains("c has 2000m CPU and 50 MiB"), "{m}");
             }
             other => panic!("expected ResourceExhausted, got {other:?}"),

@@ -882,12 +882,17 @@ impl Service {
         let used = crate::store::compute_by_node(all, r.replica, r.engine, Some(volume_id));
         let mut used_here = used.get(node).copied().unwrap_or_default();
         // This volume's own replica on the node stays.
-        let own = all.iter().find(|v| v.id == volume_id).map_or(0, |v| v.replicas.iter().filter(|x| x.node == node).count());
+        let own = all
+            .iter()
+            .find(|v| v.id == volume_id)
+            .map_or(0, |v| v.replicas.iter().filter(|x| x.node == node).count());
         for _ in 0..own {
             used_here.add(&r.replica);
         }
         let info = self.nodes().into_iter().find(|n| n.name == node);
-        let Some(room) = info.and_then(|n| n.compute).map(|c| c.saturating_sub(&used_here)) else { return Ok(()) };
+        let Some(room) = info.and_then(|n| n.compute).map(|c| c.saturating_sub(&used_here)) else {
+            return Ok(());
+        };
         if room.fits(&r.engine) {
             Ok(())
         } else {

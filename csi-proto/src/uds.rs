@@ -142,7 +142,9 @@ impl<S> FixAuthority<S> {
                 if self.input.len() < FRAME_HEADER {
                     return Ok(false);
                 }
-                let len = (usize::from(self.input[0]) << 16) | (usize::from(self.input[1]) << 8) | usize::from(self.input[2]);
+                let len = (usize::from(self.input[0]) << 16)
+                    | (usize::from(self.input[1]) << 8)
+                    | usize::from(self.input[2]);
                 let kind = self.input[3];
                 if kind != HEADERS && kind != CONTINUATION {
                     let header = self.input.split_to(FRAME_HEADER);
@@ -172,7 +174,8 @@ impl<S> FixAuthority<S> {
                 return Err(invalid("HEADERS while a header block is open".into()));
             }
             if flags & PADDED != 0 {
-                let pad = usize::from(*payload.first().ok_or_else(|| invalid("empty padded HEADERS".into()))?);
+                let pad =
+                    usize::from(*payload.first().ok_or_else(|| invalid("empty padded HEADERS".into()))?);
                 payload.advance(1);
                 if pad > payload.len() {
                     return Err(invalid("HEADERS padding longer than the frame".into()));
@@ -190,7 +193,8 @@ impl<S> FixAuthority<S> {
             } else {
                 None
             };
-            self.block = Some(Block { stream, end_stream: flags & END_STREAM != 0, priority, fragment: payload });
+            self.block =
+                Some(Block { stream, end_stream: flags & END_STREAM != 0, priority, fragment: payload });
         } else {
             let block = self.block.as_mut().ok_or_else(|| invalid("CONTINUATION without HEADERS".into()))?;
             if block.stream != stream {

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use barnacle_nbd_proto::*;
 use barnacle_engine::nbd::{Backend, ExportConfig, IoError, serve_connection};
+use barnacle_nbd_proto::*;
 use barnacle_replica::shm::{Area, Slot};
 use bytes::Bytes;
 use parking_lot::Mutex;

@@ -143,8 +143,15 @@ pub fn encode_info_request(name: &str, requests: &[u16]) -> Option<Vec<u8>> {
 /// One `NBD_REP_INFO` payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Info {
-    Export { size: u64, flags: u16 },
-    BlockSize { min: u32, preferred: u32, max: u32 },
+    Export {
+        size: u64,
+        flags: u16,
+    },
+    BlockSize {
+        min: u32,
+        preferred: u32,
+        max: u32,
+    },
     Name(String),
     Description(String),
     /// An information type this crate does not know (to be ignored).

@@ -144,7 +144,9 @@ mod tests {
         let table = format!("{TABLE}50 22 254:0 /x /var/lib/barnacle rw - ext4 /dev/vda rw\n");
         let fail = |_: &[String]| Err("permission denied".to_owned());
         match ensure_shared(&table, Path::new("/var/lib/barnacle"), true, fail) {
-            Err(HostError::Io(m)) => assert_eq!(m, "mount --make-shared /var/lib/barnacle: permission denied"),
+            Err(HostError::Io(m)) => {
+                assert_eq!(m, "mount --make-shared /var/lib/barnacle: permission denied")
+            }
             other => panic!("expected Io, got {other:?}"),
         }
     }

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use barnacle_daemon::process;
 use barnacle_node::attach::{Attacher, Method};
 use barnacle_node::service::{NodeConfig, NodeService};
-use barnacle_daemon::process;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -87,7 +87,11 @@ fn host_check(path: &std::path::Path, fix: bool) -> anyhow::Result<()> {
             .args(cmd)
             .output()
             .map_err(|e| format!("nsenter: {e}"))?;
-        if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()) }
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        }
     };
     let table = std::fs::read_to_string("/proc/1/mountinfo").context("reading the host's mount table")?;
     match barnacle_node::host::ensure_shared(&table, path, fix, in_host)? {

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use barnacle_daemon::units::parse_size;
 use barnacle_replica::server::{Replica, ServerConfig};
 use barnacle_replica::store::DEFAULT_CLUSTER_SIZE;
-use barnacle_daemon::units::parse_size;
 use clap::Parser;
 use tracing::info;
 

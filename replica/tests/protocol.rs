@@ -541,7 +541,11 @@ async fn the_client_gives_up_on_a_replica_that_stopped_answering() {
         .expect("not closed on silence")
         .unwrap_err();
     assert!(matches!(e, ClientError::Closed), "{e}");
-    assert!(asked.elapsed() < Duration::from_millis(2900), "waited out its own timeout: {:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_millis(2900),
+        "waited out its own timeout: {:?}",
+        asked.elapsed()
+    );
     assert!(c.is_closed() && c.silence() >= Duration::from_secs(3));
 }
 

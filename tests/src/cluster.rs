@@ -60,7 +60,12 @@ impl Cluster {
     /// Imports an OCI archive into every node's containerd as `localhost/NAME:<its tag>`.
     pub fn import(&self, tar: &Path, name: &str) {
         let out = script(&["import", tar.to_str().unwrap(), name]);
-        assert!(out.status.success(), "importing {}: {}", tar.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "importing {}: {}",
+            tar.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Node `i`'s directory (1-based): `kubelet/` and `barnacle/` are its `/var/lib/kubelet`
@@ -137,7 +142,9 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::env::var_os("BARNACLE_K8S_KEEP").is_some() {
-            eprintln!("BARNACLE_K8S_KEEP: the cluster keeps running; stop it with deploy/k8s-cluster.sh stop");
+            eprintln!(
+                "BARNACLE_K8S_KEEP: the cluster keeps running; stop it with deploy/k8s-cluster.sh stop"
+            );
             return;
         }
         let out = script(&["stop"]);
@@ -157,7 +164,9 @@ pub fn enter_network() {
 /// Barnacle's image for the cluster, built by `deploy/image.sh` (./test.sh runs it): the OCI
 /// archive and its tag.
 pub fn image() -> (PathBuf, String) {
-    let target = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "/var/tmp/barnacle-target".into()));
+    let target = PathBuf::from(
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "/var/tmp/barnacle-target".into()),
+    );
     let tar = target.join("image/barnacle.oci.tar");
     let tag = std::fs::read_to_string(target.join("image/barnacle.tag"))
         .unwrap_or_else(|_| panic!("{} is missing: run deploy/image.sh (./test.sh does)", tar.display()));

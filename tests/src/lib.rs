@@ -756,8 +756,8 @@ pub struct StallProxy {
 
 impl StallProxy {
     pub fn start(target: SocketAddr, stall_on: fn(&barnacle_replica::wire::Op) -> bool) -> StallProxy {
-        use std::sync::atomic::Ordering;
         use futures::{SinkExt, StreamExt};
+        use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -780,10 +780,14 @@ impl StallProxy {
                         let (erd, mut ewr) = engine.into_split();
                         let (mut rrd, rwr) = replica.into_split();
                         let stall = tokio_util::sync::CancellationToken::new();
-                        let mut requests =
-                            tokio_util::codec::FramedRead::new(erd, barnacle_replica::wire::ServerCodec::default());
-                        let mut upstream =
-                            tokio_util::codec::FramedWrite::new(rwr, barnacle_replica::wire::ClientCodec::default());
+                        let mut requests = tokio_util::codec::FramedRead::new(
+                            erd,
+                            barnacle_replica::wire::ServerCodec::default(),
+                        );
+                        let mut upstream = tokio_util::codec::FramedWrite::new(
+                            rwr,
+                            barnacle_replica::wire::ClientCodec::default(),
+                        );
                         let replies = {
                             let stall = stall.clone();
                             async move {
@@ -794,7 +798,8 @@ impl StallProxy {
                                         n = tokio::io::AsyncReadExt::read(&mut rrd, &mut buf) => n,
                                     };
                                     let Ok(n @ 1..) = n else { break };
-                                    if tokio::io::AsyncWriteExt::write_all(&mut ewr, &buf[..n]).await.is_err() {
+                                    if tokio::io::AsyncWriteExt::write_all(&mut ewr, &buf[..n]).await.is_err()
+                                    {
                                         break;
                                     }
                                 }

@@ -29,8 +29,11 @@ use std::time::Duration;
 use csi_proto::v1 as csi;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams,
+};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -56,7 +59,12 @@ impl Sidecars {
     /// Starts playing for `driver`, whose controller pod runs in `namespace` with its CSI socket
     /// in the emptyDir `socket-dir`; `node_dirs` maps a node's name to its directory (whose
     /// `kubelet/` is its /var/lib/kubelet).
-    pub fn start(client: Client, driver: &str, namespace: &str, node_dirs: HashMap<String, PathBuf>) -> Sidecars {
+    pub fn start(
+        client: Client,
+        driver: &str,
+        namespace: &str,
+        node_dirs: HashMap<String, PathBuf>,
+    ) -> Sidecars {
         let stop = CancellationToken::new();
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut p = Player {
@@ -125,9 +133,9 @@ impl Player {
     }
 
     fn controller(&self) -> csi::controller_client::ControllerClient<tonic::transport::Channel> {
-        csi::controller_client::ControllerClient::new(self.csi.as_ref().map(|c| c.1.clone()).unwrap_or_else(|| {
-            csi_proto::unix_channel("/nonexistent").unwrap_or_else(|_| unreachable!("a lazy channel"))
-        }))
+        csi::controller_client::ControllerClient::new(self.csi.as_ref().map(|c| c.1.clone()).unwrap_or_else(
+            || csi_proto::unix_channel("/nonexistent").unwrap_or_else(|_| unreachable!("a lazy channel")),
+        ))
     }
 
     /// Finds the controller pod's CSI socket (again, if the pod changed).
@@ -146,7 +154,8 @@ impl Player {
         }
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
         let dir = self.node_dirs.get(&node).ok_or_else(|| format!("unknown node {node}"))?;
-        let socket = dir.join("kubelet/pods").join(&uid).join("volumes/kubernetes.io~empty-dir/socket-dir/csi.sock");
+        let socket =
+            dir.join("kubelet/pods").join(&uid).join("volumes/kubernetes.io~empty-dir/socket-dir/csi.sock");
         if !socket.exists() {
             return Err(format!("{} is not there yet", socket.display()));
         }
@@ -155,7 +164,8 @@ impl Player {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(socket.parent().unwrap_or(&socket), &link).map_err(|e| e.to_string())?;
         let short = link.join("csi.sock");
-        let channel = csi_proto::unix_channel(short.to_str().unwrap_or_default()).map_err(|e| e.to_string())?;
+        let channel =
+            csi_proto::unix_channel(short.to_str().unwrap_or_default()).map_err(|e| e.to_string())?;
         self.note(format!("talking to the controller at {}", socket.display()));
         self.csi = Some((uid, channel));
         Ok(())
@@ -229,12 +239,16 @@ impl Player {
             let ann = pvc.metadata.annotations.clone().unwrap_or_default();
             let spec = pvc.spec.clone().unwrap_or_default();
             let pending = pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending");
-            if ann.get(PROVISIONER_ANNOTATION) != Some(&self.driver) || !pending || spec.volume_name.is_some() {
+            if ann.get(PROVISIONER_ANNOTATION) != Some(&self.driver) || !pending || spec.volume_name.is_some()
+            {
                 continue;
             }
             let Some(selected) = ann.get(SELECTED_NODE) else { continue };
             let uid = pvc.metadata.uid.clone().unwrap_or_default();
-            let (ns, name) = (pvc.metadata.namespace.clone().unwrap_or_default(), pvc.metadata.name.clone().unwrap_or_default());
+            let (ns, name) = (
+                pvc.metadata.namespace.clone().unwrap_or_default(),
+                pvc.metadata.name.clone().unwrap_or_default(),
+            );
             let pv_name = format!("pvc-{uid}");
             if pvs.get_opt(&pv_name).await.map_err(e("reading a PV"))?.is_some() {
                 continue;
@@ -243,9 +257,19 @@ impl Player {
                 .get(spec.storage_class_name.as_deref().unwrap_or_default())
                 .await
                 .map_err(e("reading the StorageClass"))?;
-            let mut params: HashMap<String, String> =
-                sc.parameters.clone().unwrap_or_default().into_iter().filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/")).collect();
-            let fs_type = sc.parameters.as_ref().and_then(|p| p.get("csi.storage.k8s.io/fstype")).cloned().unwrap_or_else(|| "ext4".into());
+            let mut params: HashMap<String, String> = sc
+                .parameters
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/"))
+                .collect();
+            let fs_type = sc
+                .parameters
+                .as_ref()
+                .and_then(|p| p.get("csi.storage.k8s.io/fstype"))
+                .cloned()
+                .unwrap_or_else(|| "ext4".into());
             params.insert("csi.storage.k8s.io/pvc/name".into(), name.clone());
             params.insert("csi.storage.k8s.io/pvc/namespace".into(), ns.clone());
             params.insert("csi.storage.k8s.io/pv/name".into(), pv_name.clone());
@@ -259,21 +283,30 @@ impl Player {
                 .map_or(0, |q| bytes(&q.0));
             let segments = self.segments().await?;
             let topo = |s: &HashMap<String, String>| csi::Topology { segments: s.clone() };
-            let mut preferred: Vec<csi::Topology> = segments.get(selected).map(|s| topo(&s.1)).into_iter().collect();
+            let mut preferred: Vec<csi::Topology> =
+                segments.get(selected).map(|s| topo(&s.1)).into_iter().collect();
             preferred.extend(segments.iter().filter(|(n, _)| *n != selected).map(|(_, s)| topo(&s.1)));
             let source = match &spec.data_source {
                 Some(ds) if ds.kind == "VolumeSnapshot" => {
-                    let snaps: Api<DynamicObject> =
-                        Api::namespaced_with(self.client.clone(), &ns, &snapshot_api("VolumeSnapshot", "volumesnapshots"));
+                    let snaps: Api<DynamicObject> = Api::namespaced_with(
+                        self.client.clone(),
+                        &ns,
+                        &snapshot_api("VolumeSnapshot", "volumesnapshots"),
+                    );
                     let vs = snaps.get(&ds.name).await.map_err(e("reading the source VolumeSnapshot"))?;
-                    let content = vs.data["status"]["boundVolumeSnapshotContentName"].as_str().unwrap_or_default().to_owned();
-                    let contents: Api<DynamicObject> =
-                        Api::all_with(self.client.clone(), &snapshot_api("VolumeSnapshotContent", "volumesnapshotcontents"));
+                    let content = vs.data["status"]["boundVolumeSnapshotContentName"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let contents: Api<DynamicObject> = Api::all_with(
+                        self.client.clone(),
+                        &snapshot_api("VolumeSnapshotContent", "volumesnapshotcontents"),
+                    );
                     let vsc = contents.get(&content).await.map_err(e("reading the snapshot's content"))?;
                     let handle = vsc.data["status"]["snapshotHandle"].as_str().unwrap_or_default().to_owned();
-                    Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-                        snapshot_id: handle,
-                    }))
+                    Some(csi::volume_content_source::Type::Snapshot(
+                        csi::volume_content_source::SnapshotSource { snapshot_id: handle },
+                    ))
                 }
                 Some(ds) if ds.kind == "PersistentVolumeClaim" => {
                     let src = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &ns)
@@ -293,7 +326,10 @@ impl Player {
             };
             let req = csi::CreateVolumeRequest {
                 name: pv_name.clone(),
-                capacity_range: Some(csi::CapacityRange { required_bytes: i64::try_from(size).unwrap_or(0), limit_bytes: 0 }),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: i64::try_from(size).unwrap_or(0),
+                    limit_bytes: 0,
+                }),
                 volume_capabilities: vec![Self::capability(&modes, block, &fs_type)],
                 parameters: params,
                 volume_content_source: source.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
@@ -346,7 +382,8 @@ impl Player {
                 },
             });
             if !terms.is_empty() {
-                pv["spec"]["nodeAffinity"] = serde_json::json!({ "required": { "nodeSelectorTerms": terms } });
+                pv["spec"]["nodeAffinity"] =
+                    serde_json::json!({ "required": { "nodeSelectorTerms": terms } });
             }
             if let Some(mo) = &sc.mount_options {
                 pv["spec"]["mountOptions"] = serde_json::json!(mo);
@@ -397,10 +434,17 @@ impl Player {
             let name = va.metadata.name.clone().unwrap_or_default();
             let Some(pv_name) = va.spec.source.persistent_volume_name.clone() else { continue };
             let segments = self.segments().await?;
-            let node_id = segments.get(&va.spec.node_name).map(|s| s.0.clone()).unwrap_or_else(|| va.spec.node_name.clone());
+            let node_id = segments
+                .get(&va.spec.node_name)
+                .map(|s| s.0.clone())
+                .unwrap_or_else(|| va.spec.node_name.clone());
             let finalizers = va.metadata.finalizers.clone().unwrap_or_default();
             let pv = pvs.get_opt(&pv_name).await.map_err(e("reading the PV"))?;
-            let handle = pv.as_ref().and_then(|p| p.spec.as_ref()).and_then(|s| s.csi.as_ref()).map(|c| c.volume_handle.clone());
+            let handle = pv
+                .as_ref()
+                .and_then(|p| p.spec.as_ref())
+                .and_then(|s| s.csi.as_ref())
+                .map(|c| c.volume_handle.clone());
             if va.metadata.deletion_timestamp.is_some() {
                 if !finalizers.contains(&finalizer) {
                     continue;
@@ -417,7 +461,9 @@ impl Player {
                 }
                 let rest: Vec<String> = finalizers.into_iter().filter(|f| *f != finalizer).collect();
                 let patch = serde_json::json!({ "metadata": { "finalizers": rest } });
-                vas.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(e("removing the finalizer"))?;
+                vas.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(e("removing the finalizer"))?;
                 self.note(format!("detached {pv_name} from {}", va.spec.node_name));
                 continue;
             }
@@ -429,7 +475,9 @@ impl Player {
                 let mut f = finalizers.clone();
                 f.push(finalizer.clone());
                 let patch = serde_json::json!({ "metadata": { "finalizers": f } });
-                vas.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(e("adding the finalizer"))?;
+                vas.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(e("adding the finalizer"))?;
             }
             let spec = pv.spec.clone().unwrap_or_default();
             let c = spec.csi.clone().unwrap_or_default();
@@ -451,14 +499,22 @@ impl Player {
                 })
                 .await;
             let st = match published {
-                Ok(r) => serde_json::json!({ "status": { "attached": true, "attachmentMetadata": r.into_inner().publish_context } }),
+                Ok(r) => {
+                    serde_json::json!({ "status": { "attached": true, "attachmentMetadata": r.into_inner().publish_context } })
+                }
                 Err(s) => {
-                    self.note(format!("ControllerPublishVolume {handle} on {node_id}: {:?} {}", s.code(), s.message()));
+                    self.note(format!(
+                        "ControllerPublishVolume {handle} on {node_id}: {:?} {}",
+                        s.code(),
+                        s.message()
+                    ));
                     serde_json::json!({ "status": { "attached": false, "attachError": {
                         "message": s.message(), "time": k8s_openapi::jiff::Timestamp::now().to_string() } } })
                 }
             };
-            vas.patch_status(&name, &PatchParams::default(), &Patch::Merge(&st)).await.map_err(e("writing the attachment status"))?;
+            vas.patch_status(&name, &PatchParams::default(), &Patch::Merge(&st))
+                .await
+                .map_err(e("writing the attachment status"))?;
             if st["status"]["attached"] == true {
                 self.note(format!("attached {pv_name} ({handle}) to {}", va.spec.node_name));
             }
@@ -467,9 +523,12 @@ impl Player {
     }
 
     async fn snapshot(&self) -> Res<()> {
-        let snaps: Api<DynamicObject> = Api::all_with(self.client.clone(), &snapshot_api("VolumeSnapshot", "volumesnapshots"));
-        let contents: Api<DynamicObject> =
-            Api::all_with(self.client.clone(), &snapshot_api("VolumeSnapshotContent", "volumesnapshotcontents"));
+        let snaps: Api<DynamicObject> =
+            Api::all_with(self.client.clone(), &snapshot_api("VolumeSnapshot", "volumesnapshots"));
+        let contents: Api<DynamicObject> = Api::all_with(
+            self.client.clone(),
+            &snapshot_api("VolumeSnapshotContent", "volumesnapshotcontents"),
+        );
         let classes: Api<DynamicObject> =
             Api::all_with(self.client.clone(), &snapshot_api("VolumeSnapshotClass", "volumesnapshotclasses"));
         let pvs: Api<PersistentVolume> = Api::all(self.client.clone());
@@ -478,14 +537,21 @@ impl Player {
             if vs.data["status"]["readyToUse"] == true {
                 continue;
             }
-            let (ns, name) = (vs.metadata.namespace.clone().unwrap_or_default(), vs.metadata.name.clone().unwrap_or_default());
+            let (ns, name) = (
+                vs.metadata.namespace.clone().unwrap_or_default(),
+                vs.metadata.name.clone().unwrap_or_default(),
+            );
             let uid = vs.metadata.uid.clone().unwrap_or_default();
-            let class_name = vs.data["spec"]["volumeSnapshotClassName"].as_str().unwrap_or_default().to_owned();
+            let class_name =
+                vs.data["spec"]["volumeSnapshotClassName"].as_str().unwrap_or_default().to_owned();
             let class = classes.get(&class_name).await.map_err(e("reading the VolumeSnapshotClass"))?;
             if class.data["driver"] != self.driver.as_str() {
                 continue;
             }
-            let pvc_name = vs.data["spec"]["source"]["persistentVolumeClaimName"].as_str().unwrap_or_default().to_owned();
+            let pvc_name = vs.data["spec"]["source"]["persistentVolumeClaimName"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             let pvc = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &ns)
                 .get(&pvc_name)
                 .await
@@ -537,15 +603,29 @@ impl Player {
             let cs = serde_json::json!({ "status": {
                 "snapshotHandle": s.snapshot_id, "readyToUse": s.ready_to_use,
                 "restoreSize": s.size_bytes, "creationTime": created } });
-            contents.patch_status(&content_name, &PatchParams::default(), &Patch::Merge(&cs)).await.map_err(e("content status"))?;
-            let when = k8s_openapi::jiff::Timestamp::from_nanosecond(i128::from(created)).unwrap_or_default().to_string();
+            contents
+                .patch_status(&content_name, &PatchParams::default(), &Patch::Merge(&cs))
+                .await
+                .map_err(e("content status"))?;
+            let when = k8s_openapi::jiff::Timestamp::from_nanosecond(i128::from(created))
+                .unwrap_or_default()
+                .to_string();
             let vss = serde_json::json!({ "status": {
                 "boundVolumeSnapshotContentName": content_name, "readyToUse": s.ready_to_use,
                 "restoreSize": s.size_bytes.to_string(), "creationTime": when } });
-            let nsnaps: Api<DynamicObject> =
-                Api::namespaced_with(self.client.clone(), &ns, &snapshot_api("VolumeSnapshot", "volumesnapshots"));
-            nsnaps.patch_status(&name, &PatchParams::default(), &Patch::Merge(&vss)).await.map_err(e("snapshot status"))?;
-            self.note(format!("snapshot {ns}/{name} of {volume}: {} ready {}", s.snapshot_id, s.ready_to_use));
+            let nsnaps: Api<DynamicObject> = Api::namespaced_with(
+                self.client.clone(),
+                &ns,
+                &snapshot_api("VolumeSnapshot", "volumesnapshots"),
+            );
+            nsnaps
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&vss))
+                .await
+                .map_err(e("snapshot status"))?;
+            self.note(format!(
+                "snapshot {ns}/{name} of {volume}: {} ready {}",
+                s.snapshot_id, s.ready_to_use
+            ));
         }
         // Contents whose VolumeSnapshot is gone go, with their snapshot (deletionPolicy Delete).
         for c in contents.list(&ListParams::default()).await.map_err(e("listing contents"))?.items {
@@ -562,7 +642,10 @@ impl Player {
                 && let Some(h) = c.data["status"]["snapshotHandle"].as_str()
             {
                 self.controller()
-                    .delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: h.to_owned(), ..Default::default() })
+                    .delete_snapshot(csi::DeleteSnapshotRequest {
+                        snapshot_id: h.to_owned(),
+                        ..Default::default()
+                    })
                     .await
                     .map_err(status(&format!("DeleteSnapshot {h}")))?;
                 self.note(format!("deleted snapshot {h}"));
@@ -578,7 +661,12 @@ impl Player {
         for pvc in pvcs.list(&ListParams::default()).await.map_err(e("listing PVCs"))?.items {
             let spec = pvc.spec.clone().unwrap_or_default();
             let Some(pv_name) = spec.volume_name.clone() else { continue };
-            let want = spec.resources.as_ref().and_then(|r| r.requests.as_ref()).and_then(|r| r.get("storage")).map_or(0, |q| bytes(&q.0));
+            let want = spec
+                .resources
+                .as_ref()
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get("storage"))
+                .map_or(0, |q| bytes(&q.0));
             let Some(pv) = pvs.get_opt(&pv_name).await.map_err(e("reading a PV"))? else { continue };
             let pv_spec = pv.spec.clone().unwrap_or_default();
             let Some(c) = pv_spec.csi.clone().filter(|c| c.driver == self.driver) else { continue };
@@ -587,21 +675,34 @@ impl Player {
                 continue;
             }
             let block = pv_spec.volume_mode.as_deref() == Some("Block");
-            let cap = Self::capability(&pv_spec.access_modes.clone().unwrap_or_default(), block, c.fs_type.as_deref().unwrap_or("ext4"));
+            let cap = Self::capability(
+                &pv_spec.access_modes.clone().unwrap_or_default(),
+                block,
+                c.fs_type.as_deref().unwrap_or("ext4"),
+            );
             let r = self
                 .controller()
                 .controller_expand_volume(csi::ControllerExpandVolumeRequest {
                     volume_id: c.volume_handle.clone(),
-                    capacity_range: Some(csi::CapacityRange { required_bytes: i64::try_from(want).unwrap_or(0), limit_bytes: 0 }),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: i64::try_from(want).unwrap_or(0),
+                        limit_bytes: 0,
+                    }),
                     volume_capability: Some(cap),
                     ..Default::default()
                 })
                 .await
                 .map_err(status(&format!("ControllerExpandVolume {}", c.volume_handle)))?
                 .into_inner();
-            let patch = serde_json::json!({ "spec": { "capacity": { "storage": r.capacity_bytes.to_string() } } });
-            pvs.patch(&pv_name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(e("growing the PV"))?;
-            let (ns, name) = (pvc.metadata.namespace.clone().unwrap_or_default(), pvc.metadata.name.clone().unwrap_or_default());
+            let patch =
+                serde_json::json!({ "spec": { "capacity": { "storage": r.capacity_bytes.to_string() } } });
+            pvs.patch(&pv_name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(e("growing the PV"))?;
+            let (ns, name) = (
+                pvc.metadata.namespace.clone().unwrap_or_default(),
+                pvc.metadata.name.clone().unwrap_or_default(),
+            );
             let st = if r.node_expansion_required {
                 serde_json::json!({ "status": { "conditions": [{ "type": "FileSystemResizePending", "status": "True",
                     "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),

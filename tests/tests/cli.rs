@@ -275,9 +275,13 @@ fn every_command_has_help_and_bad_input_fails_helpfully() {
     err(&["volume", "create", "x", "--size", "1GiB", "--fs", "btrfs"], "invalid value");
     err(&["snapshot", "delete", "nope"], "no snapshot");
     // More replicas than the 3 nodes: refused with the reason, unless fewer are accepted.
-    err(&["volume", "create", "five", "--size", "32MiB", "--replicas", "5"], "5 replicas need 5 nodes, one each; 3 nodes");
+    err(
+        &["volume", "create", "five", "--size", "32MiB", "--replicas", "5"],
+        "5 replicas need 5 nodes, one each; 3 nodes",
+    );
     err(&["volume", "create", "five", "--size", "32MiB", "--allow-fewer"], "--replicas");
-    let five = json(&data, &["volume", "create", "five", "--size", "32MiB", "--replicas", "5", "--allow-fewer"]);
+    let five =
+        json(&data, &["volume", "create", "five", "--size", "32MiB", "--replicas", "5", "--allow-fewer"]);
     assert_eq!(five["replicas"].as_array().map(Vec::len), Some(3), "{five}");
     json(&data, &["volume", "delete", "five"]);
     json(&data, &["volume", "create", "v", "--size", "32MiB", "--replicas", "1"]);

@@ -272,7 +272,12 @@ async fn an_idle_volume_ejects_a_replica_whose_connection_closed() {
 }
 
 /// Membership of `state` once `pred` holds for it (polled for up to 60 s).
-async fn membership_when(s: &Setup, state: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+async fn membership_when(
+    s: &Setup,
+    state: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let m = s.membership(state);
@@ -307,7 +312,8 @@ async fn a_replica_that_hangs_in_the_start_up_resync_is_ejected_and_the_engine_s
     assert!(s.membership("engine")["epoch"].as_u64().unwrap() >= 2);
     run_ok("qemu-io", &["-f", "raw", &engine.uri(VOL), "-c", "write -P 0x5e 0 1M", "-c", "flush"]);
     // It rejoins by a rebuild (the proxy passes its new connections) and holds what was written.
-    let m = membership_when(&s, "engine", "r2 never rebuilt", |m| m["replicas"][2]["state"] == "healthy").await;
+    let m =
+        membership_when(&s, "engine", "r2 never rebuilt", |m| m["replicas"][2]["state"] == "healthy").await;
     let epoch = m["epoch"].as_u64().unwrap() + 1;
     drop(engine);
     let all: Vec<&ReplicaProcess> = s.replicas.iter().collect();
@@ -331,7 +337,10 @@ async fn a_replica_that_cannot_be_spared_is_waited_for_in_the_start_up_resync() 
     assert!(proxy.stalled());
     let m = s.membership("engine");
     assert!(m["replicas"].as_array().unwrap().iter().all(|r| r["state"] == "healthy"), "{m}");
-    run_ok("qemu-io", &["-f", "raw", &engine.uri(VOL), "-c", "write -P 0x6f 0 64k", "-c", "read -P 0x6f 0 64k"]);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", &engine.uri(VOL), "-c", "write -P 0x6f 0 64k", "-c", "read -P 0x6f 0 64k"],
+    );
     let log = std::fs::read_to_string(&s.log).unwrap();
     assert!(log.contains("cannot be spared: trying again"), "the resync did not retry");
 }

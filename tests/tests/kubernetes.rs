@@ -134,7 +134,6 @@ fn the_chart_installs_on_a_real_api_server_with_least_privilege_rbac() {
     assert!(!k.kubectl(&["-n", "barnacle", "get", "deployment/barnacle-controller"]).status.success());
 }
 
-
 const NS: &str = "barnacle";
 
 /// The membership authority on the API server (DESIGN rule 1): a record round-trips whole

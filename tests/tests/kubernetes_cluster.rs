@@ -94,16 +94,33 @@ fn barnacle_on_a_real_three_node_cluster() {
     let (tar, tag) = image();
     c.import(&tar, "barnacle");
     c.ok(&["apply", "-f", repo().join("deploy/schemas/snapshot.storage.k8s.io.yaml").to_str().unwrap()]);
-    c.ok(&["wait", "--for=condition=established", "--timeout=60s", "crd/volumesnapshots.snapshot.storage.k8s.io"]);
+    c.ok(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=60s",
+        "crd/volumesnapshots.snapshot.storage.k8s.io",
+    ]);
 
     // The README's install, with this machine's image and without the sidecars' images.
     let chart = repo().join("charts/barnacle");
     let mut install: Vec<String> = [
-        "install", "barnacle", chart.to_str().unwrap(), "--namespace", NS, "--create-namespace",
-        "--set", "image.repository=localhost/barnacle", "--set", &format!("image.tag={tag}"),
-        "--set", "image.pullPolicy=Never", "--set", "disks.capacity=8Gi",
+        "install",
+        "barnacle",
+        chart.to_str().unwrap(),
+        "--namespace",
+        NS,
+        "--create-namespace",
+        "--set",
+        "image.repository=localhost/barnacle",
+        "--set",
+        &format!("image.tag={tag}"),
+        "--set",
+        "image.pullPolicy=Never",
+        "--set",
+        "disks.capacity=8Gi",
         // This host's root lacks CAP_SYS_RESOURCE: no container may ask for it.
-        "--set", "dataPlane.ioFlusherCapability=false",
+        "--set",
+        "dataPlane.ioFlusherCapability=false",
     ]
     .iter()
     .map(|s| (*s).to_owned())
@@ -137,7 +154,16 @@ fn barnacle_on_a_real_three_node_cluster() {
     assert!(log.contains("mount --make-shared /var/lib/barnacle"), "{log}");
     assert!(log.contains("node.makeHostPathShared=true"), "{log}");
     // With the value set, the plugin makes the path a shared mount itself and starts.
-    let out = c.helm(&["upgrade", "barnacle", chart.to_str().unwrap(), "-n", NS, "--reuse-values", "--set", "node.makeHostPathShared=true"]);
+    let out = c.helm(&[
+        "upgrade",
+        "barnacle",
+        chart.to_str().unwrap(),
+        "-n",
+        NS,
+        "--reuse-values",
+        "--set",
+        "node.makeHostPathShared=true",
+    ]);
     assert!(out.status.success(), "helm upgrade: {}", String::from_utf8_lossy(&out.stderr));
     c.ok(&["-n", NS, "rollout", "status", "daemonset/barnacle-node", "--timeout=300s"]);
     c.ok(&["-n", NS, "rollout", "status", "deployment/barnacle-controller", "--timeout=300s"]);
@@ -159,7 +185,9 @@ fn barnacle_on_a_real_three_node_cluster() {
                 d.iter().any(|d| {
                     d["name"] == DRIVER
                         && d["nodeID"] == format!("node{i}").as_str()
-                        && d["topologyKeys"].as_array().is_some_and(|k| k.iter().any(|k| k == "topology.barnacle.dev/node"))
+                        && d["topologyKeys"]
+                            .as_array()
+                            .is_some_and(|k| k.iter().any(|k| k == "topology.barnacle.dev/node"))
                 })
             })
         })
@@ -176,7 +204,8 @@ fn barnacle_on_a_real_three_node_cluster() {
     for (pod, pvc) in [("web-0", "data-web-0"), ("web-1", "data-web-1")] {
         let vid = volume_of(&c, pvc);
         let pods = volume_pods(&c, &vid);
-        let mut replica_nodes: Vec<&str> = pods.iter().filter(|p| p.1 == "replica").map(|p| p.2.as_str()).collect();
+        let mut replica_nodes: Vec<&str> =
+            pods.iter().filter(|p| p.1 == "replica").map(|p| p.2.as_str()).collect();
         replica_nodes.sort_unstable();
         assert_eq!(replica_nodes, ["node1", "node2", "node3"], "{vid}: {pods:?}");
         let engine: Vec<_> = pods.iter().filter(|p| p.1 == "engine").collect();
@@ -193,7 +222,11 @@ fn barnacle_on_a_real_three_node_cluster() {
     // A replica pod deleted: recreated, ejected and rebuilt while web-0 keeps writing.
     let vid0 = volume_of(&c, "data-web-0");
     c.ok(&["-n", NS, "delete", "pod", &format!("{vid0}-r2"), "--wait=false"]);
-    exec(&c, "web-0", "dd if=/dev/urandom of=/data/blob bs=1M count=16 2>/dev/null && sync && sha256sum /data/blob > /data/blob.sum");
+    exec(
+        &c,
+        "web-0",
+        "dd if=/dev/urandom of=/data/blob bs=1M count=16 2>/dev/null && sync && sha256sum /data/blob > /data/blob.sum",
+    );
     c.wait_for("the replica to be rebuilt", 3 * MIN, || {
         let v = c.json(&["-n", NS, "get", "volumes.barnacle.dev", &vid0]);
         v["status"]["membership"]["epoch"].as_u64().unwrap_or(0) > 1 && all_healthy(&c, &vid0)
@@ -208,7 +241,16 @@ fn barnacle_on_a_real_three_node_cluster() {
     eprintln!("web-0 ran on {node0}, now on {}", node_of(&c, "web-0"));
 
     // The controller pod replaced: the new one leads, adopts the volumes, and serves on.
-    let old = c.ok(&["-n", NS, "get", "pods", "-l", "app.kubernetes.io/component=controller", "-o", "jsonpath={.items[0].metadata.name}"]);
+    let old = c.ok(&[
+        "-n",
+        NS,
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/component=controller",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
     c.ok(&["-n", NS, "delete", "pod", &old, "--wait=true", "--timeout=120s"]);
     c.ok(&["-n", NS, "rollout", "status", "deployment/barnacle-controller", "--timeout=300s"]);
 
@@ -247,21 +289,36 @@ fn barnacle_on_a_real_three_node_cluster() {
     c.apply(&pvc_yaml("raw", "barnacle", "256Mi", true));
     c.apply(&pod_yaml("blocky", "raw", true));
     c.wait_for(&state("the block volume's pod"), 6 * MIN, || running(&c, "blocky"));
-    exec(&c, "blocky", "dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null && dd if=/tmp/pattern of=/dev/xvda bs=1M oflag=direct 2>/dev/null && sync");
-    let sums = exec(&c, "blocky", "sha256sum < /tmp/pattern; dd if=/dev/xvda bs=1M count=8 iflag=direct 2>/dev/null | sha256sum");
+    exec(
+        &c,
+        "blocky",
+        "dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null && dd if=/tmp/pattern of=/dev/xvda bs=1M oflag=direct 2>/dev/null && sync",
+    );
+    let sums = exec(
+        &c,
+        "blocky",
+        "sha256sum < /tmp/pattern; dd if=/dev/xvda bs=1M count=8 iflag=direct 2>/dev/null | sha256sum",
+    );
     let lines: Vec<&str> = sums.lines().collect();
-    assert!(lines.len() == 2 && lines[0] == lines[1], "the device did not give back what was written: {sums}");
+    assert!(
+        lines.len() == 2 && lines[0] == lines[1],
+        "the device did not give back what was written: {sums}"
+    );
 
     // Everything deleted: no pod, custom resource, replica directory, loop device, mount or
     // socket of Barnacle's is left.
     c.ok(&["delete", "pod", "restored", "grower", "blocky", "--wait=true", "--timeout=180s"]);
     c.ok(&["delete", "statefulset", "web", "--wait=true", "--timeout=180s"]);
-    c.wait_for("the web pods to go", 3 * MIN, || c.json(&["get", "pods", "-l", "app=web"])["items"].as_array().is_some_and(Vec::is_empty));
+    c.wait_for("the web pods to go", 3 * MIN, || {
+        c.json(&["get", "pods", "-l", "app=web"])["items"].as_array().is_some_and(Vec::is_empty)
+    });
     c.ok(&["delete", "volumesnapshot", "web-data-0-snap"]);
     c.ok(&["delete", "pvc", "--all", "--wait=true", "--timeout=180s"]);
     c.wait_for(&state("every volume to go"), 4 * MIN, || {
         volumes(&c).is_empty()
-            && c.json(&["-n", NS, "get", "snapshots.barnacle.dev"])["items"].as_array().is_some_and(Vec::is_empty)
+            && c.json(&["-n", NS, "get", "snapshots.barnacle.dev"])["items"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
             && c.json(&["get", "pv"])["items"].as_array().is_some_and(Vec::is_empty)
     });
     c.wait_for("the data plane pods to go", 2 * MIN, || {
@@ -271,35 +328,53 @@ fn barnacle_on_a_real_three_node_cluster() {
     });
     for i in 1..=3 {
         let dir = c.node_dir(i).join("barnacle");
-        let disks: Vec<_> = std::fs::read_dir(dir.join("disk")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        let disks: Vec<_> = std::fs::read_dir(dir.join("disk"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
         assert!(disks.is_empty(), "node{i}: replica directories left: {disks:?}");
-        let run: Vec<_> = std::fs::read_dir(dir.join("run")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        let run: Vec<_> = std::fs::read_dir(dir.join("run"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
         assert!(run.is_empty(), "node{i}: engine sockets left: {run:?}");
-        let logs: Vec<_> = std::fs::read_dir(dir.join("node/logs")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        let logs: Vec<_> = std::fs::read_dir(dir.join("node/logs"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
         assert!(logs.is_empty(), "node{i}: attach logs left: {logs:?}");
         let mounts: Vec<String> = c
             .node_mounts(i)
             .lines()
-            .filter(|l| l.contains("kubernetes.io~csi") || l.contains("/var/lib/barnacle/node") || l.contains("fuse.barnacle"))
+            .filter(|l| {
+                l.contains("kubernetes.io~csi")
+                    || l.contains("/var/lib/barnacle/node")
+                    || l.contains("fuse.barnacle")
+            })
             .map(str::to_owned)
             .collect();
         assert!(mounts.is_empty(), "node{i}: mounts left: {mounts:?}");
     }
     // A node plugin's loop device is over its FUSE file, which the host's mount namespace does
     // not see: the kernel names it from the FUSE filesystem's root.
-    let loops = String::from_utf8_lossy(&std::process::Command::new("losetup").args(["-n", "-O", "NAME,BACK-FILE"]).output().unwrap().stdout).into_owned();
+    let loops = String::from_utf8_lossy(
+        &std::process::Command::new("losetup").args(["-n", "-O", "NAME,BACK-FILE"]).output().unwrap().stdout,
+    )
+    .into_owned();
     assert!(!loops.lines().any(|l| l.ends_with(" /disk")), "loop devices left: {loops}");
 
     // Uninstalled, then the documented cleanup removes what helm keeps.
     let out = c.helm(&["uninstall", "barnacle", "--namespace", NS]);
     assert!(out.status.success(), "helm uninstall: {}", String::from_utf8_lossy(&out.stderr));
-    c.wait_for("Barnacle's pods to go", 3 * MIN, || c.json(&["-n", NS, "get", "pods"])["items"].as_array().is_some_and(Vec::is_empty));
+    c.wait_for("Barnacle's pods to go", 3 * MIN, || {
+        c.json(&["-n", NS, "get", "pods"])["items"].as_array().is_some_and(Vec::is_empty)
+    });
     for cmd in uninstall_commands() {
         let args: Vec<&str> = cmd.iter().map(String::as_str).skip(1).collect();
         c.ok(&args);
     }
     assert!(!c.kubectl(&["get", "crd", "volumes.barnacle.dev"]).status.success());
-    assert!(!c.kubectl(&["get", "namespace", NS]).status.success() || c.ok(&["get", "namespace", NS, "-o", "jsonpath={.status.phase}"]) == "Terminating");
+    assert!(
+        !c.kubectl(&["get", "namespace", NS]).status.success()
+            || c.ok(&["get", "namespace", NS, "-o", "jsonpath={.status.phase}"]) == "Terminating"
+    );
     drop(sidecars);
 }
 

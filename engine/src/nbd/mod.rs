@@ -9,7 +9,6 @@
 //! flush goes to every replica and each replica's flush covers every write it acknowledged, whatever
 //! connection it came from.
 
-
 use std::future::Future;
 use std::sync::Arc;
 
@@ -208,7 +207,8 @@ where
                     wr.write_all(&option_reply(option, REP_ERR_UNKNOWN, b"no such export")).await?;
                 }
                 Some(req) => {
-                    let mut infos = vec![Info::Export { size: backend.size(), flags: cfg.transmission_flags() }];
+                    let mut infos =
+                        vec![Info::Export { size: backend.size(), flags: cfg.transmission_flags() }];
                     if req.requests.contains(&INFO_BLOCK_SIZE) {
                         infos.push(Info::BlockSize {
                             min: cfg.min_block,

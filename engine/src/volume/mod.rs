@@ -433,7 +433,10 @@ impl Volume {
                 match l {
                     Ok((_, regions)) => missed.extend(regions),
                     Err(e) if is_deposing(&e) => {
-                        return Err(VolumeError::Deposed { volume_id: vol.cfg.volume_id.clone(), reason: e.to_string() });
+                        return Err(VolumeError::Deposed {
+                            volume_id: vol.cfg.volume_id.clone(),
+                            reason: e.to_string(),
+                        });
                     }
                     // It leaves with the others; its own marks are its rebuild's business (rule 7).
                     Err(e) => {
@@ -863,16 +866,27 @@ impl Volume {
             }
             let Some(r) = view.record.replica(&m.id) else { continue };
             match Self::connect(self.client_config(view.record.epoch), r).await {
-                Ok(client) => *m = Arc::new(Member { id: m.id.clone(), client, reading: AtomicUsize::new(0) }),
-                Err(e) if is_deposing(&e) => {
-                    return Err(VolumeError::Deposed { volume_id: self.cfg.volume_id.clone(), reason: e.to_string() });
+                Ok(client) => {
+                    *m = Arc::new(Member { id: m.id.clone(), client, reading: AtomicUsize::new(0) })
                 }
-                Err(e) => warn!(volume_id = %self.cfg.volume_id, replica = %m.id, error = %e, "reconnecting failed"),
+                Err(e) if is_deposing(&e) => {
+                    return Err(VolumeError::Deposed {
+                        volume_id: self.cfg.volume_id.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => {
+                    warn!(volume_id = %self.cfg.volume_id, replica = %m.id, error = %e, "reconnecting failed")
+                }
             }
         }
         // Nothing else changes the view before the volume serves.
-        *self.view.write() =
-            Arc::new(View { version: view.version, record: view.record.clone(), members, joining: view.joining.clone() });
+        *self.view.write() = Arc::new(View {
+            version: view.version,
+            record: view.record.clone(),
+            members,
+            joining: view.joining.clone(),
+        });
         Ok(())
     }
 
