@@ -22,7 +22,9 @@ bash deploy/tools.sh
 bash deploy/k8s-build.sh
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
-cargo build --locked --workspace --bins
+# Tests and binaries in one build: nextest builds the test targets with the dev-dependencies
+# features, and a `--bins` build alone would compile many crates a second time with others.
+cargo build --locked --workspace --bins --tests
 mkdir -p "$CARGO_TARGET_DIR/image"
 bash deploy/image.sh "$CARGO_TARGET_DIR/image/barnacle.oci.tar" >"$CARGO_TARGET_DIR/image/barnacle.tag"
 cargo nextest run --locked --workspace --profile "$profile" "$@"
