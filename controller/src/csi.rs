@@ -144,14 +144,8 @@ impl csi::identity_server::Identity for Identity {
         &self,
         _: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
-        use csi::plugin_capability::{Service as S, Type, VolumeExpansion as X, service, volume_expansion};
-        let cap = |t| csi::PluginCapability { r#type: Some(t) };
         Ok(Response::new(csi::GetPluginCapabilitiesResponse {
-            capabilities: vec![
-                cap(Type::Service(S { r#type: service::Type::ControllerService as i32 })),
-                cap(Type::Service(S { r#type: service::Type::VolumeAccessibilityConstraints as i32 })),
-                cap(Type::VolumeExpansion(X { r#type: volume_expansion::Type::Online as i32 })),
-            ],
+            capabilities: csi_proto::plugin_capabilities(),
         }))
     }
 

@@ -37,3 +37,20 @@ pub const DRIVER_NAME: &str = "csi.barnacle.dev";
 pub const TOPOLOGY_NODE: &str = "topology.barnacle.dev/node";
 /// Topology key naming a zone (the well-known Kubernetes label).
 pub const TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// The plugin's capabilities, one list for both sockets. The controller and the node plugin are
+/// one CSI plugin, and GetPluginCapabilities describes the plugin, not the socket that answers: a
+/// CO (or a conformance suite) that asks only the node socket must still learn that the plugin
+/// has a Controller service, or it skips the lifecycle of real volumes.
+pub fn plugin_capabilities() -> Vec<v1::PluginCapability> {
+    use v1::plugin_capability::{Service, Type, VolumeExpansion, service, volume_expansion};
+    let service = |t: service::Type| Type::Service(Service { r#type: t as i32 });
+    [
+        service(service::Type::ControllerService),
+        service(service::Type::VolumeAccessibilityConstraints),
+        Type::VolumeExpansion(VolumeExpansion { r#type: volume_expansion::Type::Online as i32 }),
+    ]
+    .into_iter()
+    .map(|t| v1::PluginCapability { r#type: Some(t) })
+    .collect()
+}

@@ -211,6 +211,12 @@ impl Attacher {
         self.kernel
     }
 
+    /// How many volumes this node can attach at once, as its attach path limits them (reported
+    /// to the CO as NodeGetInfo's `max_volumes_per_node`); see [`attach_limit`].
+    pub fn attach_limit(&self) -> i64 {
+        attach_limit(Path::new("/sys/module"), self.kernel)
+    }
+
     /// Attaches the export through the kernel: negotiates the connections, then hands them over.
     async fn attach_kernel(
         &self,
@@ -678,9 +684,62 @@ async fn lazy_umount(path: &Path) -> Result<(), NodeError> {
     .map_err(|e| NodeError::Internal(e.to_string()))?
 }
 
+/// The nbd module's default device count (`nbds_max`).
+const NBDS_MAX_DEFAULT: i64 = 16;
+/// Minor-number bits of a block device (the kernel's MINORBITS).
+const MINOR_BITS: u32 = 20;
+
+/// How many volumes can be attached at once, from the module parameters under `sys_module`
+/// (`/sys/module`). Through the kernel each volume holds one of the nbd module's devices, and
+/// there are `nbds_max` of them (16 unless the module was loaded with more; the default when the
+/// module is not loaded yet). Through FUSE each volume holds one loop device; loop-control makes
+/// them on demand (`max_loop` only pre-creates some), up to the loop driver's minor numbers:
+/// 2^20 of them, divided among each device's `max_part` partitions rounded up to a power of two.
+pub fn attach_limit(sys_module: &Path, kernel: bool) -> i64 {
+    let param = |module: &str, name: &str| -> Option<i64> {
+        std::fs::read_to_string(sys_module.join(module).join("parameters").join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    if kernel {
+        return param("nbd", "nbds_max").filter(|n| *n > 0).unwrap_or(NBDS_MAX_DEFAULT);
+    }
+    let max_part = param("loop", "max_part").unwrap_or(0).clamp(0, 1 << MINOR_BITS);
+    // The driver gives each device 2^part_shift minors, part_shift = fls(max_part).
+    let part_shift = u64::BITS - u64::try_from(max_part).unwrap_or(0).leading_zeros();
+    (1i64 << MINOR_BITS) >> part_shift.min(MINOR_BITS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_attach_limit_follows_the_module_parameters() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let set = |module: &str, name: &str, value: &str| {
+            let d = dir.path().join(module).join("parameters");
+            std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::write(d.join(name), format!("{value}\n")).unwrap_or_else(|e| panic!("{e}"));
+        };
+        // Nothing loaded: the nbd module's default, and loop devices without partitions.
+        assert_eq!(attach_limit(dir.path(), true), 16);
+        assert_eq!(attach_limit(dir.path(), false), 1 << 20);
+        set("nbd", "nbds_max", "64");
+        assert_eq!(attach_limit(dir.path(), true), 64);
+        set("nbd", "nbds_max", "garbage");
+        assert_eq!(attach_limit(dir.path(), true), 16);
+        set("loop", "max_part", "0");
+        set("loop", "max_loop", "8");
+        assert_eq!(attach_limit(dir.path(), false), 1 << 20, "max_loop only pre-creates devices");
+        // max_part 15 → 16 minors a device; 16 → 32 (the driver rounds up to a power of two).
+        set("loop", "max_part", "15");
+        assert_eq!(attach_limit(dir.path(), false), 1 << 16);
+        set("loop", "max_part", "16");
+        assert_eq!(attach_limit(dir.path(), false), 1 << 15);
+    }
 
     /// No nbd device exists on the development machine, so a record is always stale here: it is
     /// read and removed, as after a reboot; an unreadable one goes too, and other files stay.

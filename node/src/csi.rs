@@ -113,13 +113,9 @@ impl csi::identity_server::Identity for Identity {
         &self,
         _: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
-        use csi::plugin_capability::{Service as S, Type, service};
+        // The plugin's, not this socket's: the same list as the controller's.
         Ok(Response::new(csi::GetPluginCapabilitiesResponse {
-            capabilities: vec![csi::PluginCapability {
-                r#type: Some(Type::Service(S {
-                    r#type: service::Type::VolumeAccessibilityConstraints as i32,
-                })),
-            }],
+            capabilities: csi_proto::plugin_capabilities(),
         }))
     }
 
@@ -132,6 +128,17 @@ impl csi::identity_server::Identity for Identity {
 #[derive(Debug)]
 pub struct Node {
     pub service: Arc<NodeService>,
+}
+
+impl Node {
+    /// NotFound unless the volume is attached on this node. The spec's tables put NOT_FOUND (the
+    /// volume) before a malformed path, so RPCs that name an existing volume check this first.
+    async fn attached(&self, volume_id: &str) -> Result<(), Status> {
+        match self.service.attacher().find_async(volume_id).await {
+            Some(_) => Ok(()),
+            None => Err(Status::not_found(format!("volume {volume_id} is not attached on this node"))),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -205,6 +212,8 @@ impl csi::node_server::Node for Node {
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         let r = req.into_inner();
         let volume_id = required("volume_id", &r.volume_id)?;
+        required("volume_path", &r.volume_path)?;
+        self.attached(volume_id).await?;
         let volume_path = path("volume_path", &r.volume_path)?;
         let (usage, problem) = self.service.stats(volume_id, &volume_path).await.map_err(status)?;
         let i = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
@@ -250,6 +259,8 @@ impl csi::node_server::Node for Node {
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         let r = req.into_inner();
         let volume_id = required("volume_id", &r.volume_id)?;
+        required("volume_path", &r.volume_path)?;
+        self.attached(volume_id).await?;
         let volume_path = path("volume_path", &r.volume_path)?;
         let required_bytes = r.capacity_range.map_or(0, |c| c.required_bytes);
         let required_bytes =

@@ -26,9 +26,10 @@ struct Args {
     /// This node's zone, reported as topology.kubernetes.io/zone.
     #[arg(long)]
     zone: Option<String>,
-    /// Volumes this node may attach (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    max_volumes: i64,
+    /// Volumes this node may attach, reported to the CO (NodeGetInfo). Default: what the attach
+    /// path allows (the nbd module's `nbds_max` devices, or loop devices through FUSE).
+    #[arg(long)]
+    max_volumes: Option<i64>,
     /// Directory for attach state (FUSE mount points, helper logs).
     #[arg(long, default_value = "/var/lib/barnacle-node")]
     state_dir: PathBuf,
@@ -121,8 +122,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     };
     anyhow::ensure!(helper.is_file(), "{} not found", helper.display());
     let attacher = Attacher::new(&args.state_dir, helper, args.attach, args.loop_direct_io);
+    let max_volumes = args.max_volumes.unwrap_or_else(|| attacher.attach_limit());
+    info!(node_id = %node_id, max_volumes, "attach limit reported to the CO");
     let service = Arc::new(NodeService::new(
-        NodeConfig { node_id: node_id.clone(), zone: args.zone.clone(), max_volumes: args.max_volumes },
+        NodeConfig { node_id: node_id.clone(), zone: args.zone.clone(), max_volumes },
         attacher,
     ));
     let listener = process::bind_private_socket(&socket)?;

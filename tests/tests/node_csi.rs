@@ -186,6 +186,11 @@ async fn unstage(n: &mut NodeClient<Channel>, vol: &str, staging: &Path) -> Resu
     .map(|_| ())
 }
 
+/// The status code of an RPC's result.
+fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    r.err().map_or(Code::Ok, |s| s.code())
+}
+
 async fn stats(n: &mut NodeClient<Channel>, vol: &str, path: &Path) -> csi::NodeGetVolumeStatsResponse {
     n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
         volume_id: vol.to_owned(),
@@ -823,6 +828,109 @@ async fn every_rpc_is_idempotent_and_a_killed_plugin_is_cleaned_up_by_the_next()
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
     env.assert_clean();
+}
+
+/// One plugin behind two sockets: the node socket describes the plugin as the controller's does
+/// (a CO that asks only the node socket must still learn there is a Controller service, or it
+/// never runs the lifecycle of a real volume). NodeGetInfo reports the attach limit of the path in
+/// use (here FUSE + loop devices, which loop-control makes up to the driver's minors) unless
+/// `--max-volumes` sets one. Stats and expansion of a volume this node does not have answer
+/// NotFound before judging the path's form, as the spec's error tables order them; for an
+/// attached volume a malformed path is InvalidArgument.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_sockets_describe_one_plugin_and_node_errors_follow_the_spec_s_order() {
+    use csi::plugin_capability::{Type, service};
+    let mut env = Env::new(&[]).await;
+    let (mut ci, _) = env.ctl.clients();
+    let (mut ni, mut n) = env.node.clients();
+    let from_ctl =
+        ci.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+    let from_node =
+        ni.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+    assert_eq!(from_ctl, from_node);
+    let services: Vec<i32> = from_node
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(Type::Service(s)) => Some(s.r#type),
+            _ => None,
+        })
+        .collect();
+    assert!(services.contains(&(service::Type::ControllerService as i32)), "{from_node:?}");
+    let info_ctl = ci.get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap().into_inner();
+    let info_node = ni.get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info_ctl.name, info_ctl.vendor_version), (info_node.name, info_node.vendor_version));
+
+    let limit = n.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner().max_volumes_per_node;
+    let max_part = std::fs::read_to_string("/sys/module/loop/parameters/max_part")
+        .map_or(0, |s| s.trim().parse::<u32>().unwrap());
+    if max_part == 0 {
+        assert_eq!(limit, 1 << 20, "a loop device per volume, one minor each");
+    } else {
+        assert!(limit > 0 && limit < 1 << 20, "{limit}");
+    }
+
+    let relative = Path::new("relative/path");
+    let (vol, ctx, vctx) = env.volume("order", 16, &[]).await;
+    let staging = env.staging(&vol);
+    stage(&mut n, &vol, &ctx, &vctx, &staging, mount_cap("ext4")).await.unwrap();
+    let stats_of = |vol: &str, path: &Path| csi::NodeGetVolumeStatsRequest {
+        volume_id: vol.to_owned(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    let expand_of = |vol: &str, path: &Path| csi::NodeExpandVolumeRequest {
+        volume_id: vol.to_owned(),
+        volume_path: path.display().to_string(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 16 * MIB, limit_bytes: 0 }),
+        ..Default::default()
+    };
+    let unknown = "vol-0000000000000000";
+    let cases = [
+        (
+            "stats, unknown volume, relative path",
+            Code::NotFound,
+            code(n.node_get_volume_stats(stats_of(unknown, relative)).await),
+        ),
+        (
+            "stats, unknown volume, no path",
+            Code::InvalidArgument,
+            code(n.node_get_volume_stats(stats_of(unknown, Path::new(""))).await),
+        ),
+        (
+            "stats, attached volume, relative path",
+            Code::InvalidArgument,
+            code(n.node_get_volume_stats(stats_of(&vol, relative)).await),
+        ),
+        (
+            "stats, attached volume, staging path",
+            Code::Ok,
+            code(n.node_get_volume_stats(stats_of(&vol, &staging)).await),
+        ),
+        (
+            "expand, unknown volume, relative path",
+            Code::NotFound,
+            code(n.node_expand_volume(expand_of(unknown, relative)).await),
+        ),
+        (
+            "expand, attached volume, relative path",
+            Code::InvalidArgument,
+            code(n.node_expand_volume(expand_of(&vol, relative)).await),
+        ),
+    ];
+    let failures: Vec<String> = cases
+        .iter()
+        .filter(|(_, want, got)| want != got)
+        .map(|(name, want, got)| format!("{name}: want {want:?}, got {got:?}"))
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
+    unstage(&mut n, &vol, &staging).await.unwrap();
+    env.assert_clean();
+
+    env.restart_node(&["--max-volumes", "5"]);
+    let (_, mut n) = env.node.clients();
+    let limit = n.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner().max_volumes_per_node;
+    assert_eq!(limit, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
