@@ -60,6 +60,13 @@ impl Ctx {
         Ok(ch)
     }
 
+    pub async fn group_controller(
+        &self,
+    ) -> Result<csi::group_controller_client::GroupControllerClient<Channel>, CliError> {
+        let ch = self.channel("the controller", &self.controller_socket()).await?;
+        Ok(csi::group_controller_client::GroupControllerClient::new(ch))
+    }
+
     pub async fn controller(&self) -> Result<(Controller, Admin), CliError> {
         let ch = self.channel("the controller", &self.controller_socket()).await?;
         Ok((Controller::new(ch.clone()), Admin::new(ch)))
@@ -116,6 +123,9 @@ fn volume_json(v: &admin::VolumeInfo) -> serde_json::Value {
         "mode": mode_of(v),
         "replicas_wanted": v.replicas_wanted,
         "min_healthy_replicas": v.min_healthy_replicas,
+        "rebuild_mib_per_sec": v.rebuild_mib_per_sec,
+        "max_iops": v.max_iops,
+        "max_mib_per_sec": v.max_mib_per_sec,
         "state": v.state,
         "source": if v.source_kind.is_empty() { serde_json::Value::Null } else { json!({"kind": v.source_kind, "id": v.source_id}) },
         "attached_node": if v.attached_node.is_empty() { serde_json::Value::Null } else { json!(v.attached_node) },
@@ -266,6 +276,19 @@ pub async fn volume(ctx: &Ctx, cmd: VolumeCmd) -> Result<Out, CliError> {
                         )
                     }
                 ),
+                format!(
+                    "replicas:  {} wanted, {} healthy required",
+                    v.replicas_wanted, v.min_healthy_replicas
+                ),
+                format!(
+                    "limits:    {}",
+                    match (v.max_iops, v.max_mib_per_sec) {
+                        (0, 0) => "none".to_owned(),
+                        (i, 0) => format!("{i} IOPS"),
+                        (0, m) => format!("{m} MiB/s"),
+                        (i, m) => format!("{i} IOPS, {m} MiB/s"),
+                    }
+                ),
                 format!("condition: {}", v.condition),
             ];
             Ok(out)
@@ -307,6 +330,59 @@ pub async fn volume(ctx: &Ctx, cmd: VolumeCmd) -> Result<Out, CliError> {
                 })?;
             }
             Ok(one_volume(&volume_info(&mut a, &name).await?))
+        }
+        VolumeCmd::Modify {
+            name,
+            replicas,
+            min_healthy,
+            rebuild_mib_per_sec,
+            max_iops,
+            max_mib_per_sec,
+            wait,
+        } => {
+            let v = volume_info(&mut a, &name).await?;
+            let mut mutable_parameters = HashMap::new();
+            let mut put = |k: &str, x: Option<u64>| {
+                if let Some(x) = x {
+                    mutable_parameters.insert(k.to_owned(), x.to_string());
+                }
+            };
+            put("replicas", replicas);
+            put("minHealthyReplicas", min_healthy);
+            put("rebuildMiBPerSec", rebuild_mib_per_sec);
+            put("maxIops", max_iops);
+            put("maxMiBPerSec", max_mib_per_sec);
+            if mutable_parameters.is_empty() {
+                return Err(CliError::Usage(
+                    "nothing to change: give --replicas, --min-healthy, --rebuild-mib-per-sec, --max-iops or --max-mib-per-sec".into(),
+                ));
+            }
+            c.controller_modify_volume(csi::ControllerModifyVolumeRequest {
+                volume_id: v.id.clone(),
+                mutable_parameters,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| CliError::rpc(format!("modifying volume {name}"), &e))?;
+            let mut v = volume_info(&mut a, &name).await?;
+            // New replicas join by a rebuild while the volume serves: follow it if asked.
+            while wait && !v.attached_node.is_empty() && v.replicas.iter().any(|r| r.state != "healthy") {
+                #[allow(clippy::print_stderr)]
+                match &v.rebuild {
+                    Some(r) => eprintln!(
+                        "rebuilding replica {} ({}, {}): {} of {}",
+                        r.replica,
+                        r.kind,
+                        r.phase,
+                        fmt_size(r.done_bytes),
+                        fmt_size(r.total_bytes)
+                    ),
+                    None => eprintln!("waiting for a rebuild to start"),
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                v = volume_info(&mut a, &name).await?;
+            }
+            Ok(one_volume(&v))
         }
         VolumeCmd::Delete { name } => {
             let v = volume_info(&mut a, &name).await?;
@@ -473,9 +549,9 @@ pub async fn snapshot(ctx: &Ctx, cmd: SnapshotCmd) -> Result<Out, CliError> {
     let list = |snaps: Vec<admin::SnapshotInfo>| {
         let mut out = Out::value(json!(snaps
             .iter()
-            .map(|s| json!({"name": s.name, "id": s.id, "volume": s.volume_name, "volume_id": s.volume_id, "size_bytes": s.size_bytes, "created_unix": s.created_unix, "ready": s.ready}))
+            .map(|s| json!({"name": s.name, "id": s.id, "volume": s.volume_name, "volume_id": s.volume_id, "size_bytes": s.size_bytes, "created_unix": s.created_unix, "ready": s.ready, "group": if s.group_id.is_empty() { serde_json::Value::Null } else { json!({"id": s.group_id, "name": s.group_name}) }}))
             .collect::<Vec<_>>()));
-        out.headers = vec!["NAME", "VOLUME", "SIZE", "READY"];
+        out.headers = vec!["NAME", "VOLUME", "SIZE", "READY", "GROUP"];
         out.rows = snaps
             .iter()
             .map(|s| {
@@ -484,6 +560,7 @@ pub async fn snapshot(ctx: &Ctx, cmd: SnapshotCmd) -> Result<Out, CliError> {
                     if s.volume_name.is_empty() { "(deleted)".into() } else { s.volume_name.clone() },
                     fmt_size(s.size_bytes),
                     s.ready.to_string(),
+                    if s.group_name.is_empty() { "-".into() } else { s.group_name.clone() },
                 ]
             })
             .collect();
@@ -522,11 +599,48 @@ pub async fn snapshot(ctx: &Ctx, cmd: SnapshotCmd) -> Result<Out, CliError> {
             };
             Ok(list(snaps))
         }
+        SnapshotCmd::Group { name, volumes } => {
+            let mut ids = Vec::with_capacity(volumes.len());
+            for v in &volumes {
+                ids.push(volume_info(&mut a, v).await?.id);
+            }
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("holding the IO of {} volumes while each is snapshotted (10 s at most)", ids.len());
+            }
+            let mut g = ctx.group_controller().await?;
+            let t = std::time::Instant::now();
+            g.create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+                name: name.clone(),
+                source_volume_ids: ids,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| CliError::rpc(format!("group snapshot {name}"), &e))?;
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("group snapshot {name} taken in {:.1} s", t.elapsed().as_secs_f64());
+            }
+            let snaps: Vec<_> = all(&mut a).await?.into_iter().filter(|s| s.group_name == name).collect();
+            Ok(list(snaps))
+        }
         SnapshotCmd::Delete { name } => {
-            let id =
-                all(&mut a).await?.into_iter().find(|s| s.name == name).map(|s| s.id).ok_or_else(|| {
-                    CliError::NotFound(format!("no snapshot {name:?} (see `barnacle snapshot list`)"))
-                })?;
+            let snaps = all(&mut a).await?;
+            if let Some(group) = snaps.iter().find(|s| s.group_name == name).map(|s| s.group_id.clone()) {
+                let mut g = ctx.group_controller().await?;
+                g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+                    group_snapshot_id: group.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| CliError::rpc(format!("deleting group snapshot {name}"), &e))?;
+                let mut out = Out::value(json!({"deleted": name, "id": group}));
+                out.text = vec![format!("group snapshot {name} and its members deleted")];
+                return Ok(out);
+            }
+            let id = snaps.into_iter().find(|s| s.name == name).map(|s| s.id).ok_or_else(|| {
+                CliError::NotFound(format!("no snapshot {name:?} (see `barnacle snapshot list`)"))
+            })?;
             c.delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: id.clone(), ..Default::default() })
                 .await
                 .map_err(|e| CliError::rpc(format!("deleting snapshot {name}"), &e))?;

@@ -151,6 +151,30 @@ pub enum VolumeCmd {
         #[arg(long, value_parser = barnacle_daemon::units::parse_size)]
         size: u64,
     },
+    /// Change a volume's replica count, minimum of healthy replicas, rebuild rate or IO limits,
+    /// attached or not (CSI ControllerModifyVolume). Added replicas are rebuilt while the volume
+    /// serves.
+    Modify {
+        name: String,
+        /// Replicas wanted (1 to 5).
+        #[arg(long)]
+        replicas: Option<u64>,
+        /// Healthy replicas writes need.
+        #[arg(long)]
+        min_healthy: Option<u64>,
+        /// Rebuild copy rate in MiB/s.
+        #[arg(long)]
+        rebuild_mib_per_sec: Option<u64>,
+        /// Reads and writes per second (0: no limit).
+        #[arg(long)]
+        max_iops: Option<u64>,
+        /// MiB per second read and written (0: no limit).
+        #[arg(long)]
+        max_mib_per_sec: Option<u64>,
+        /// Follow the rebuild of added replicas until every replica is healthy.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Delete a volume (detach it first).
     Delete { name: String },
 }
@@ -159,9 +183,17 @@ pub enum VolumeCmd {
 pub enum SnapshotCmd {
     /// Snapshot a volume.
     Create { volume: String, name: String },
+    /// Snapshot several volumes together, crash-consistent across them: their IO is held (10 s
+    /// at most) while each is snapshotted. The members are named NAME/<volume id>; restore one
+    /// with `volume create --from-snapshot`, delete them all with `snapshot delete NAME`.
+    Group {
+        name: String,
+        #[arg(required = true, num_args = 2..)]
+        volumes: Vec<String>,
+    },
     /// List snapshots (of one volume if named).
     List { volume: Option<String> },
-    /// Delete a snapshot.
+    /// Delete a snapshot, or a group snapshot with all its members.
     Delete { name: String },
 }
 

@@ -36,6 +36,9 @@ impl Admin {
             size_bytes: v.size,
             replicas_wanted: u32::try_from(v.params.replicas).unwrap_or(u32::MAX),
             min_healthy_replicas: u32::try_from(v.params.min_healthy_replicas).unwrap_or(u32::MAX),
+            rebuild_mib_per_sec: v.params.rebuild_mib_per_sec.unwrap_or(0),
+            max_iops: v.params.max_iops,
+            max_mib_per_sec: v.params.max_mib_per_sec,
             fs_type: v.params.fs_type.map(|f| f.as_str().to_owned()).unwrap_or_default(),
             thin: v.params.thin,
             state: format!("{:?}", v.state).to_lowercase(),
@@ -131,6 +134,8 @@ impl pb::admin_server::Admin for Admin {
                     size_bytes: s.size,
                     created_unix: s.created_unix,
                     ready: s.ready,
+                    group_id: s.group.as_ref().map(|g| g.id.clone()).unwrap_or_default(),
+                    group_name: s.group.map(|g| g.name).unwrap_or_default(),
                 })
                 .collect(),
         }))

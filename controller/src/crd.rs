@@ -148,6 +148,7 @@ mod tests {
             state: crate::store::VolumeState::Ready,
             created_unix: 5,
             annotations: Default::default(),
+            replica_ids_issued: 1,
         };
         let cr = Volume::new("vol-1", VolumeSpec { record: record.clone() });
         let json = serde_json::to_value(&cr).unwrap_or_default();

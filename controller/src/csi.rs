@@ -113,7 +113,7 @@ fn snapshot(s: &SnapshotRecord) -> csi::Snapshot {
         source_volume_id: s.volume_id.clone(),
         creation_time: Some(timestamp(s.created_unix)),
         ready_to_use: s.ready,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: s.group.as_ref().map(|g| g.id.clone()).unwrap_or_default(),
     }
 }
 
@@ -181,7 +181,10 @@ impl csi::controller_server::Controller for Controller {
             return Err(invalid("name is longer than 253 bytes"));
         }
         capabilities(&r.volume_capabilities).map_err(status)?;
-        let params = VolumeParams::parse(&r.parameters).map_err(status)?;
+        // A VolumeAttributesClass's parameters come as mutable_parameters and win over the class's.
+        let params = VolumeParams::parse(&r.parameters)
+            .and_then(|p| p.with_mutable(&r.mutable_parameters))
+            .map_err(status)?;
         for c in &r.volume_capabilities {
             if let Some(csi::volume_capability::AccessType::Mount(m)) = &c.access_type
                 && let Some(fs) = params.fs_type
@@ -274,8 +277,7 @@ impl csi::controller_server::Controller for Controller {
         }
         let v = self.service.get_volume(&r.volume_id).await.map_err(status)?;
         let unsupported = r.volume_capabilities.iter().find_map(|c| capability(c).err());
-        let params_match =
-            r.parameters.is_empty() || VolumeParams::parse(&r.parameters).is_ok_and(|p| p == v.params);
+        let params_match = v.params.satisfies(&r.parameters, &r.mutable_parameters).unwrap_or(false);
         let fs_conflict =
             r.volume_capabilities.iter().find_map(|c| match (&c.access_type, v.params.fs_type) {
                 (Some(csi::volume_capability::AccessType::Mount(m)), Some(fs))
@@ -303,7 +305,7 @@ impl csi::controller_server::Controller for Controller {
                     volume_context: r.volume_context,
                     volume_capabilities: r.volume_capabilities,
                     parameters: r.parameters,
-                    mutable_parameters: HashMap::new(),
+                    mutable_parameters: r.mutable_parameters,
                 }),
                 message: String::new(),
             },
@@ -375,6 +377,7 @@ impl csi::controller_server::Controller for Controller {
             Rpc::GetVolume,
             Rpc::SingleNodeMultiWriter,
             Rpc::GetSnapshot,
+            Rpc::ModifyVolume,
         ];
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
             capabilities: rpcs
@@ -487,10 +490,84 @@ impl csi::controller_server::Controller for Controller {
 
     async fn controller_modify_volume(
         &self,
-        _: Request<csi::ControllerModifyVolumeRequest>,
+        req: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerModifyVolume is not supported yet (MODIFY_VOLUME is not advertised)",
-        ))
+        let r = req.into_inner();
+        required("volume_id", &r.volume_id)?;
+        self.service.modify_volume(&r.volume_id, &r.mutable_parameters).await.map_err(status)?;
+        Ok(Response::new(csi::ControllerModifyVolumeResponse {}))
+    }
+}
+
+/// The GroupController service: volume group snapshots.
+#[derive(Debug)]
+pub struct GroupController {
+    pub service: Arc<Service>,
+}
+
+fn group_snapshot(id: String, members: &[SnapshotRecord]) -> csi::VolumeGroupSnapshot {
+    csi::VolumeGroupSnapshot {
+        group_snapshot_id: id,
+        snapshots: members.iter().map(snapshot).collect(),
+        creation_time: members.iter().map(|s| s.created_unix).min().map(timestamp),
+        ready_to_use: members.iter().all(|s| s.ready),
+    }
+}
+
+#[tonic::async_trait]
+impl csi::group_controller_server::GroupController for GroupController {
+    async fn group_controller_get_capabilities(
+        &self,
+        _: Request<csi::GroupControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::GroupControllerGetCapabilitiesResponse>, Status> {
+        use csi::group_controller_service_capability::{Rpc, Type, rpc::Type as T};
+        Ok(Response::new(csi::GroupControllerGetCapabilitiesResponse {
+            capabilities: vec![csi::GroupControllerServiceCapability {
+                r#type: Some(Type::Rpc(Rpc { r#type: T::CreateDeleteGetVolumeGroupSnapshot as i32 })),
+            }],
+        }))
+    }
+
+    async fn create_volume_group_snapshot(
+        &self,
+        req: Request<csi::CreateVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        required("name", &r.name)?;
+        if r.source_volume_ids.is_empty() {
+            return Err(invalid("source_volume_ids is required"));
+        }
+        if r.source_volume_ids.iter().any(String::is_empty) {
+            return Err(invalid("source_volume_ids has an empty id"));
+        }
+        crate::params::check_group_snapshot_params(&r.parameters).map_err(status)?;
+        let (id, members) =
+            self.service.create_group_snapshot(&r.name, &r.source_volume_ids).await.map_err(status)?;
+        Ok(Response::new(csi::CreateVolumeGroupSnapshotResponse {
+            group_snapshot: Some(group_snapshot(id, &members)),
+        }))
+    }
+
+    async fn delete_volume_group_snapshot(
+        &self,
+        req: Request<csi::DeleteVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteVolumeGroupSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        required("group_snapshot_id", &r.group_snapshot_id)?;
+        self.service.delete_group_snapshot(&r.group_snapshot_id, &r.snapshot_ids).await.map_err(status)?;
+        Ok(Response::new(csi::DeleteVolumeGroupSnapshotResponse {}))
+    }
+
+    async fn get_volume_group_snapshot(
+        &self,
+        req: Request<csi::GetVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::GetVolumeGroupSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        required("group_snapshot_id", &r.group_snapshot_id)?;
+        let members =
+            self.service.get_group_snapshot(&r.group_snapshot_id, &r.snapshot_ids).await.map_err(status)?;
+        Ok(Response::new(csi::GetVolumeGroupSnapshotResponse {
+            group_snapshot: Some(group_snapshot(r.group_snapshot_id, &members)),
+        }))
     }
 }

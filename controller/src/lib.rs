@@ -57,12 +57,14 @@ pub async fn run(
     };
     let identity = csi::Identity { service: service.clone() };
     let controller = csi::Controller { service: service.clone() };
+    let group = csi::GroupController { service: service.clone() };
     let admin = admin::Admin { service: service.clone() };
     // Kubelets before 1.26 send the socket path as :authority; csi_proto::uds makes it valid.
     let incoming = csi_proto::uds::incoming(listener);
     let res = tonic::transport::Server::builder()
         .add_service(csi_proto::v1::identity_server::IdentityServer::new(identity))
         .add_service(csi_proto::v1::controller_server::ControllerServer::new(controller))
+        .add_service(csi_proto::v1::group_controller_server::GroupControllerServer::new(group))
         .add_service(admin::pb::admin_server::AdminServer::new(admin))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await;

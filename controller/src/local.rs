@@ -251,14 +251,19 @@ impl LocalOrchestrator {
 }
 
 /// Whether two argument lists start the same process; `--size` only matters for creation.
+/// Whether two command lines start the same process. What a running process learns otherwise is
+/// left out: a replica's `--size` (used only to create its store), and an engine's replica set
+/// and settings (used only while the membership record holds none; afterwards the record, which
+/// ControllerModifyVolume changes, decides). A change of those must not restart a serving engine.
 fn same_args(a: &[String], b: &[String]) -> bool {
+    const LEARNED: [&str; 4] = ["--size", "--replica", "--min-healthy-replicas", "--rebuild-mib-per-sec"];
     let strip = |v: &[String]| -> Vec<String> {
         let mut out = Vec::new();
         let mut skip = false;
         for x in v {
             if skip {
                 skip = false;
-            } else if x == "--size" {
+            } else if LEARNED.contains(&x.as_str()) {
                 skip = true;
             } else {
                 out.push(x.clone());
@@ -552,11 +557,22 @@ mod tests {
     }
 
     #[test]
-    fn size_does_not_distinguish_processes() {
+    fn what_a_process_learns_elsewhere_does_not_distinguish_processes() {
         let a: Vec<String> = ["--dir", "d", "--size", "10"].map(String::from).to_vec();
         let b: Vec<String> = ["--dir", "d"].map(String::from).to_vec();
         let c: Vec<String> = ["--dir", "e"].map(String::from).to_vec();
         assert!(same_args(&a, &b));
         assert!(!same_args(&b, &c));
+        // An engine whose replica set or settings were modified keeps serving.
+        let e1: Vec<String> =
+            ["--volume-id", "v", "--replica", "r0=a", "--replica", "r1=b", "--min-healthy-replicas", "1"]
+                .map(String::from)
+                .to_vec();
+        let e2: Vec<String> = ["--volume-id", "v", "--replica", "r0=a", "--min-healthy-replicas", "2"]
+            .map(String::from)
+            .to_vec();
+        let e3: Vec<String> = ["--volume-id", "w", "--replica", "r0=a"].map(String::from).to_vec();
+        assert!(same_args(&e1, &e2));
+        assert!(!same_args(&e1, &e3));
     }
 }

@@ -16,6 +16,27 @@ pub const SNAPSHOT_NAME: &str = "csi.storage.k8s.io/volumesnapshot/name";
 pub const SNAPSHOT_NAMESPACE: &str = "csi.storage.k8s.io/volumesnapshot/namespace";
 pub const SNAPSHOT_CONTENT_NAME: &str = "csi.storage.k8s.io/volumesnapshotcontent/name";
 
+/// Keys the external-snapshotter adds with `--extra-create-metadata` to CreateVolumeGroupSnapshot.
+pub const GROUP_SNAPSHOT_KEYS: [&str; 3] = [
+    "csi.storage.k8s.io/volumegroupsnapshot/name",
+    "csi.storage.k8s.io/volumegroupsnapshot/namespace",
+    "csi.storage.k8s.io/volumegroupsnapshotcontent/name",
+];
+
+/// Checks CreateVolumeGroupSnapshot parameters: none of their own; the snapshotter's metadata keys
+/// are accepted (and not kept).
+pub fn check_group_snapshot_params(params: &HashMap<String, String>) -> Result<(), ControllerError> {
+    let mut keys: Vec<&String> = params.keys().collect();
+    keys.sort();
+    match keys.into_iter().find(|k| !GROUP_SNAPSHOT_KEYS.contains(&k.as_str())) {
+        Some(k) => Err(ControllerError::InvalidArgument(format!(
+            "unknown group snapshot parameter {k:?} (group snapshots take none; the snapshotter's \
+             metadata keys are accepted)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Checks CreateSnapshot parameters: snapshots take none of their own; the snapshotter's
 /// metadata keys are accepted (and not kept). Any other key is an error that names it.
 pub fn check_snapshot_params(params: &HashMap<String, String>) -> Result<(), ControllerError> {
@@ -95,6 +116,12 @@ pub struct VolumeParams {
     /// Rebuild copy rate limit (MiB/s) given to the volume's engine; `None`: the engine's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild_mib_per_sec: Option<u64>,
+    /// Reads and writes per second through the volume's export (0: no limit).
+    #[serde(default)]
+    pub max_iops: u64,
+    /// MiB per second read and written through the volume's export (0: no limit).
+    #[serde(default)]
+    pub max_mib_per_sec: u64,
     /// PVC and PV names from the external-provisioner, kept for display.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
@@ -110,6 +137,8 @@ impl Default for VolumeParams {
             fs_type: None,
             mkfs_options: None,
             rebuild_mib_per_sec: None,
+            max_iops: 0,
+            max_mib_per_sec: 0,
             labels: Default::default(),
         }
     }
@@ -127,7 +156,109 @@ fn bool_param(key: &str, value: &str) -> Result<bool, ControllerError> {
     }
 }
 
+/// The parameters that may change while a volume lives (ControllerModifyVolume, and a
+/// VolumeAttributesClass's parameters at CreateVolume).
+pub const MUTABLE: [&str; 5] =
+    ["replicas", "minHealthyReplicas", "rebuildMiBPerSec", "maxIops", "maxMiBPerSec"];
+
+fn count_param(key: &str, value: &str) -> Result<usize, ControllerError> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| (1..=MAX_REPLICAS).contains(n))
+        .ok_or_else(|| bad(key, value, &format!("expected 1 to {MAX_REPLICAS}")))
+}
+
+fn limit_param(key: &str, value: &str) -> Result<u64, ControllerError> {
+    value.parse().map_err(|_| bad(key, value, "expected a whole number, 0 for no limit"))
+}
+
 impl VolumeParams {
+    /// Sets a mutable parameter; false when `key` is not one (see [`MUTABLE`]).
+    fn set_mutable(&mut self, key: &str, value: &str) -> Result<bool, ControllerError> {
+        match key {
+            "replicas" => self.replicas = count_param(key, value)?,
+            "minHealthyReplicas" => self.min_healthy_replicas = count_param(key, value)?,
+            "rebuildMiBPerSec" => {
+                self.rebuild_mib_per_sec = Some(
+                    value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| bad(key, value, "expected a positive number of MiB per second"))?,
+                );
+            }
+            "maxIops" => self.max_iops = limit_param(key, value)?,
+            "maxMiBPerSec" => self.max_mib_per_sec = limit_param(key, value)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn check(&self) -> Result<(), ControllerError> {
+        if self.min_healthy_replicas > self.replicas {
+            return Err(ControllerError::InvalidArgument(format!(
+                "minHealthyReplicas {} is more than replicas {}",
+                self.min_healthy_replicas, self.replicas
+            )));
+        }
+        Ok(())
+    }
+
+    /// These parameters with `mutable` applied (ControllerModifyVolume's `mutable_parameters`, or
+    /// CreateVolume's from a VolumeAttributesClass, which win over the StorageClass's). A key that
+    /// is not mutable, or a bad value, is InvalidArgument naming it.
+    pub fn with_mutable(&self, mutable: &HashMap<String, String>) -> Result<VolumeParams, ControllerError> {
+        let mut p = self.clone();
+        let mut keys: Vec<&String> = mutable.keys().collect();
+        keys.sort();
+        for key in keys {
+            if !p.set_mutable(key, &mutable[key])? {
+                return Err(ControllerError::InvalidArgument(format!(
+                    "parameter {key:?} cannot be changed on a volume (mutable: {})",
+                    MUTABLE.join(", ")
+                )));
+            }
+            if key == "replicas" {
+                // A count asked for by name is strict, as in a StorageClass.
+                p.allow_fewer_replicas = false;
+            }
+        }
+        p.check()?;
+        Ok(p)
+    }
+
+    /// The engine's settings these parameters make.
+    pub fn settings(&self) -> barnacle_engine::authority::VolumeSettings {
+        barnacle_engine::authority::VolumeSettings {
+            min_healthy: u32::try_from(self.min_healthy_replicas).unwrap_or(u32::MAX),
+            rebuild_mib_per_sec: self
+                .rebuild_mib_per_sec
+                .unwrap_or(barnacle_engine::authority::DEFAULT_REBUILD_MIB_PER_SEC),
+            max_iops: self.max_iops,
+            max_mib_per_sec: self.max_mib_per_sec,
+        }
+    }
+
+    /// Whether a volume with these parameters satisfies a request's: the immutable ones equal,
+    /// and each mutable one the request names equal (ValidateVolumeCapabilities).
+    pub fn satisfies(
+        &self,
+        params: &HashMap<String, String>,
+        mutable: &HashMap<String, String>,
+    ) -> Result<bool, ControllerError> {
+        let asked = VolumeParams::parse(params)?.with_mutable(mutable)?;
+        let named = |k: &str| params.contains_key(k) || mutable.contains_key(k);
+        Ok(asked.thin == self.thin
+            && asked.fs_type == self.fs_type
+            && asked.mkfs_options == self.mkfs_options
+            && (!named("replicas") || asked.replicas == self.replicas)
+            && (!named("minHealthyReplicas") || asked.min_healthy_replicas == self.min_healthy_replicas)
+            && (!named("rebuildMiBPerSec") || asked.rebuild_mib_per_sec == self.rebuild_mib_per_sec)
+            && (!named("maxIops") || asked.max_iops == self.max_iops)
+            && (!named("maxMiBPerSec") || asked.max_mib_per_sec == self.max_mib_per_sec))
+    }
+
     /// Parses CreateVolume parameters. Every key is known or an error names it.
     pub fn parse(params: &HashMap<String, String>) -> Result<VolumeParams, ControllerError> {
         let mut p = VolumeParams::default();
@@ -136,23 +267,14 @@ impl VolumeParams {
         keys.sort();
         for key in keys {
             let value = params[key].as_str();
-            match key.as_str() {
-                "replicas" => {
-                    p.replicas = value
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=MAX_REPLICAS).contains(n))
-                        .ok_or_else(|| bad(key, value, &format!("expected 1 to {MAX_REPLICAS}")))?;
+            if p.set_mutable(key, value)? {
+                if key == "replicas" {
                     p.allow_fewer_replicas = false;
                 }
+                continue;
+            }
+            match key.as_str() {
                 "allowFewerReplicas" => allow_fewer = Some(bool_param(key, value)?),
-                "minHealthyReplicas" => {
-                    p.min_healthy_replicas = value
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=MAX_REPLICAS).contains(n))
-                        .ok_or_else(|| bad(key, value, &format!("expected 1 to {MAX_REPLICAS}")))?;
-                }
                 "thin" => p.thin = bool_param(key, value)?,
                 "fsType" => p.fs_type = Some(FsType::parse(value)?),
                 "mkfsOptions" => {
@@ -161,19 +283,13 @@ impl VolumeParams {
                     }
                     p.mkfs_options = Some(value.to_owned()).filter(|v| !v.trim().is_empty());
                 }
-                "rebuildMiBPerSec" => {
-                    p.rebuild_mib_per_sec =
-                        Some(value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                            bad(key, value, "expected a positive number of MiB per second")
-                        })?);
-                }
                 PVC_NAME | PVC_NAMESPACE | PV_NAME => {
                     p.labels.insert(key.clone(), value.to_owned());
                 }
                 other => {
                     return Err(ControllerError::InvalidArgument(format!(
                         "unknown parameter {other:?} (known: replicas, allowFewerReplicas, minHealthyReplicas, \
-                         thin, fsType, mkfsOptions, rebuildMiBPerSec)"
+                         thin, fsType, mkfsOptions, rebuildMiBPerSec, maxIops, maxMiBPerSec)"
                     )));
                 }
             }
@@ -181,12 +297,7 @@ impl VolumeParams {
         if let Some(a) = allow_fewer {
             p.allow_fewer_replicas = a;
         }
-        if p.min_healthy_replicas > p.replicas {
-            return Err(ControllerError::InvalidArgument(format!(
-                "minHealthyReplicas {} is more than replicas {}",
-                p.min_healthy_replicas, p.replicas
-            )));
-        }
+        p.check()?;
         Ok(p)
     }
 
@@ -239,6 +350,70 @@ mod tests {
         assert_eq!(ctx.get("fsType").map(String::as_str), Some("xfs"));
     }
 
+    fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn mutable_parameters_apply_over_the_class_and_only_they_may_change() {
+        let base =
+            parse(&[("replicas", "3"), ("minHealthyReplicas", "2"), ("maxIops", "100")]).unwrap_or_default();
+        let p = base
+            .with_mutable(&map(&[
+                ("replicas", "2"),
+                ("maxIops", "0"),
+                ("maxMiBPerSec", "40"),
+                ("rebuildMiBPerSec", "10"),
+            ]))
+            .ok();
+        let p = p.as_ref();
+        assert_eq!(p.map(|p| (p.replicas, p.min_healthy_replicas)), Some((2, 2)));
+        assert_eq!(p.map(|p| (p.max_iops, p.max_mib_per_sec)), Some((0, 40)), "0 lifts a limit");
+        let s = p.map(VolumeParams::settings);
+        assert_eq!(s.map(|s| (s.min_healthy, s.rebuild_mib_per_sec, s.max_mib_per_sec)), Some((2, 10, 40)));
+        assert_eq!(
+            VolumeParams::default().settings().rebuild_mib_per_sec,
+            barnacle_engine::authority::DEFAULT_REBUILD_MIB_PER_SEC
+        );
+        for kv in [
+            ("thin", "false"),
+            ("fsType", "xfs"),
+            ("replica", "2"),
+            ("replicas", "9"),
+            ("maxIops", "-1"),
+            ("maxMiBPerSec", "lots"),
+            ("rebuildMiBPerSec", "0"),
+            // Below the volume's minHealthyReplicas of 2.
+            ("replicas", "1"),
+        ] {
+            match base.with_mutable(&map(&[kv])) {
+                Err(ControllerError::InvalidArgument(m)) => assert!(m.contains(kv.0), "{kv:?}: {m}"),
+                other => panic!("{kv:?} must be refused, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            base.with_mutable(&HashMap::new()).ok(),
+            Some(base.clone()),
+            "nothing asked, nothing changes"
+        );
+    }
+
+    #[test]
+    fn a_volume_satisfies_what_a_request_names() {
+        let v = parse(&[("replicas", "2"), ("fsType", "xfs")]).ok().unwrap_or_default();
+        let yes = |p: &[(&str, &str)], m: &[(&str, &str)]| v.satisfies(&map(p), &map(m)).ok();
+        assert_eq!(yes(&[("fsType", "xfs")], &[]), Some(true), "unnamed mutable parameters do not matter");
+        assert_eq!(yes(&[("fsType", "xfs")], &[("replicas", "2")]), Some(true));
+        assert_eq!(yes(&[("fsType", "xfs")], &[("replicas", "3")]), Some(false));
+        assert_eq!(yes(&[("fsType", "ext4")], &[]), Some(false));
+        assert_eq!(yes(&[("fsType", "xfs"), ("maxIops", "5")], &[]), Some(false));
+        assert_eq!(
+            yes(&[], &[("thin", "true")]),
+            None,
+            "an immutable key among the mutable ones is an error"
+        );
+    }
+
     #[test]
     fn snapshots_accept_the_snapshotters_metadata_and_nothing_else() {
         let p = |kv: &[(&str, &str)]| {
@@ -278,6 +453,7 @@ mod tests {
             ("thin", "yes"),
             ("fsType", "btrfs"),
             ("rebuildMiBPerSec", "0"),
+            ("maxIops", "many"),
             ("mkfsOptions", "a\nb"),
             ("allowFewerReplicas", "1"),
             ("replica", "3"),

@@ -22,6 +22,9 @@ use crate::store::{
     Attachment, ReplicaPlacement, SnapshotRecord, Store, VolumeRecord, VolumeSource, VolumeState,
 };
 
+mod group;
+mod modify;
+
 /// Volume sizes are whole MiB.
 pub const SIZE_UNIT: u64 = 1 << 20;
 /// Size of a volume whose request gives none.
@@ -415,18 +418,11 @@ impl Service {
         }
         let placing = self.placing.lock().await;
         let all = self.db(|s| s.volumes()).await?;
-        let used = crate::store::provisioned_by_node(&all);
-        let requests = self.orch.pod_requests();
-        let compute_used = match requests {
-            Some(r) => crate::store::compute_by_node(&all, r.replica, r.engine, None),
-            None => Default::default(),
-        };
         let mut placed: Vec<String> =
             clone_from.iter().map(|r| r.node.clone()).take(req.params.replicas).collect();
         if placed.len() < req.params.replicas {
-            let more = placement::place(
-                &self.nodes(),
-                &used,
+            let more = self.place_more(
+                &all,
                 &placement::Request {
                     size,
                     replicas: req.params.replicas - placed.len(),
@@ -436,8 +432,8 @@ impl Service {
                     requisite: &req.requisite,
                     preferred: &req.preferred,
                     exclude: &placed,
-                    pod: requests.map(|r| r.replica),
-                    compute_used: &compute_used,
+                    pod: None,
+                    compute_used: &Default::default(),
                 },
             );
             match more {
@@ -459,6 +455,7 @@ impl Service {
             let port = self.assign_port(&all, &node).await?;
             replicas.push(ReplicaPlacement { id: format!("r{i}"), node, port });
         }
+        let replica_ids_issued = replicas.len();
         let v = VolumeRecord {
             id: new_id("vol"),
             name: req.name.clone(),
@@ -471,11 +468,27 @@ impl Service {
             state: VolumeState::Creating,
             created_unix: now_unix(),
             annotations: BTreeMap::new(),
+            replica_ids_issued,
         };
         self.put_volume(&v).await?;
         drop(placing);
         info!(volume_id = %v.id, name = %v.name, size, replicas = ?v.replicas, source = ?v.source, "creating volume");
         self.build_volume(v, false).await
+    }
+
+    /// Nodes for the replicas `req` asks for, with the nodes' provisioned bytes and, where the
+    /// orchestrator counts them, their pods' CPU and memory taken from `all` (read under the
+    /// placement lock); `req.pod` and `req.compute_used` are filled in here.
+    fn place_more(&self, all: &[VolumeRecord], req: &placement::Request<'_>) -> Result<Vec<String>> {
+        let used = crate::store::provisioned_by_node(all);
+        let requests = self.orch.pod_requests();
+        let compute_used = match requests {
+            Some(r) => crate::store::compute_by_node(all, r.replica, r.engine, None),
+            None => Default::default(),
+        };
+        let req =
+            placement::Request { pod: requests.map(|r| r.replica), compute_used: &compute_used, ..*req };
+        placement::place(&self.nodes(), &used, &req)
     }
 
     /// A free pair of host ports on `node` when the orchestrator uses them: free in the records
@@ -558,9 +571,13 @@ impl Service {
             .authority(&v.id, true)?
             .ok_or_else(|| ControllerError::orchestrator(&v.id, "no membership authority"))?;
         let id = v.id.clone();
+        let settings = v.params.settings();
         tokio::task::spawn_blocking(move || {
             let expected = authority.load()?.map(|x| x.version);
-            authority.compare_and_set(expected, &Membership { epoch: 0, engine_id: None, replicas: records })
+            authority.compare_and_set(
+                expected,
+                &Membership { epoch: 0, engine_id: None, replicas: records, settings: Some(settings) },
+            )
         })
         .await
         .map_err(|e| ControllerError::orchestrator(&id, e))?
@@ -982,6 +999,7 @@ impl Service {
             size: v.size,
             created_unix: now_unix(),
             ready: false,
+            group: None,
         };
         let s2 = s.clone();
         self.db(move |st| st.put_snapshot(&s2)).await?;
@@ -1006,7 +1024,7 @@ impl Service {
             if exists {
                 return Ok(());
             }
-            c.create_snapshot(rpc::req(epb::SnapshotRequest { name: name.to_owned() }))
+            c.create_snapshot(rpc::req(epb::SnapshotRequest { name: name.to_owned(), ..Default::default() }))
                 .await
                 .map_err(|s| rpc::call_err(&v.id, "snapshot", &s))?;
             return Ok(());
@@ -1056,9 +1074,12 @@ impl Service {
         if v.attachment.is_some() {
             let (mut c, exists) = self.engine_snapshot(v, &token, name).await?;
             if exists {
-                c.delete_snapshot(rpc::req(epb::SnapshotRequest { name: name.to_owned() }))
-                    .await
-                    .map_err(|s| rpc::call_err(&v.id, "delete snapshot", &s))?;
+                c.delete_snapshot(rpc::req(epb::SnapshotRequest {
+                    name: name.to_owned(),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(|s| rpc::call_err(&v.id, "delete snapshot", &s))?;
             }
             return Ok(());
         }
@@ -1077,10 +1098,24 @@ impl Service {
     }
 
     /// DeleteSnapshot: idempotent; the last snapshot of a deleted volume takes the volume with it.
+    /// A member of a group snapshot goes only with its group (FailedPrecondition).
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
         self.ready()?;
         let sid = id.to_owned();
         let Some(s) = self.db(move |st| st.snapshot(&sid)).await? else { return Ok(()) };
+        if let Some(g) = &s.group {
+            return Err(ControllerError::FailedPrecondition(format!(
+                "snapshot {id} belongs to group snapshot {} ({}): delete the group",
+                g.id, g.name
+            )));
+        }
+        self.remove_snapshot(s).await
+    }
+
+    /// Deletes a snapshot's data and record (the volume with it when it was the last snapshot of a
+    /// deleted volume).
+    async fn remove_snapshot(&self, s: SnapshotRecord) -> Result<()> {
+        let id = s.id.as_str();
         let _g = self.guards.lock(&[
             format!("snapshot/{id}"),
             format!("snapshot-name/{}", s.name),

@@ -94,6 +94,10 @@ pub struct VolumeRecord {
     /// Notes of the CLI or an operator (for example where the CLI mounted the volume).
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// Replica ids issued so far (`r0` … `r{n-1}`): a replica added later gets a new one, never
+    /// the id of a removed replica whose process or pod may still be going.
+    #[serde(default)]
+    pub replica_ids_issued: usize,
 }
 
 /// A snapshot of a volume, held by the volume's replicas under the snapshot's id.
@@ -105,6 +109,18 @@ pub struct SnapshotRecord {
     pub size: u64,
     pub created_unix: u64,
     pub ready: bool,
+    /// The group snapshot this snapshot belongs to (its members are taken together and deleted
+    /// together); a group is the set of snapshot records naming it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<SnapshotGroup>,
+}
+
+/// A group snapshot, as its member snapshots record it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SnapshotGroup {
+    pub id: String,
+    /// The CSI name (CreateVolumeGroupSnapshot's idempotency key).
+    pub name: String,
 }
 
 /// Durable storage of volume and snapshot records. Calls block (run them off the async threads).
@@ -348,6 +364,7 @@ mod tests {
             state: VolumeState::Ready,
             created_unix: 1,
             annotations: BTreeMap::new(),
+            replica_ids_issued: 0,
         }
     }
 
@@ -365,6 +382,7 @@ mod tests {
                 size: 1,
                 created_unix: 2,
                 ready: true,
+                group: Some(SnapshotGroup { id: "group-1".into(), name: "g".into() }),
             };
             s.put_snapshot(&snap).unwrap_or_else(|e| panic!("{e}"));
         }

@@ -47,6 +47,7 @@ pub fn plugin_capabilities() -> Vec<v1::PluginCapability> {
     let service = |t: service::Type| Type::Service(Service { r#type: t as i32 });
     [
         service(service::Type::ControllerService),
+        service(service::Type::GroupControllerService),
         service(service::Type::VolumeAccessibilityConstraints),
         Type::VolumeExpansion(VolumeExpansion { r#type: volume_expansion::Type::Online as i32 }),
     ]

@@ -48,12 +48,63 @@ pub struct ReplicaRecord {
     pub missed_regions: Vec<u64>,
 }
 
+/// The rebuild copy rate an engine uses when nothing sets one, in MiB/s.
+pub const DEFAULT_REBUILD_MIB_PER_SEC: u64 = 200;
+
+/// The volume's settings that may change while it serves (ControllerModifyVolume). They live in
+/// the membership record, so an engine that restarts, or a successor on another node, applies
+/// what was last committed rather than what its command line said when its pod was made.
+/// Also the custom resource's status schema ([`crate::k8s::MembershipStatus`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VolumeSettings {
+    /// Writes need at least this many healthy replicas; below it they fail (nothing is acked).
+    pub min_healthy: u32,
+    /// Rebuild copy rate limit in MiB/s (0: unlimited).
+    pub rebuild_mib_per_sec: u64,
+    /// Reads and writes per second through the export (0: no limit).
+    #[serde(default)]
+    pub max_iops: u64,
+    /// MiB per second read and written through the export (0: no limit).
+    #[serde(default)]
+    pub max_mib_per_sec: u64,
+}
+
+impl Default for VolumeSettings {
+    fn default() -> Self {
+        VolumeSettings {
+            min_healthy: 1,
+            rebuild_mib_per_sec: DEFAULT_REBUILD_MIB_PER_SEC,
+            max_iops: 0,
+            max_mib_per_sec: 0,
+        }
+    }
+}
+
 /// The volume's membership: its epoch, the engine holding it, and the replica set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Membership {
     pub epoch: u64,
     pub engine_id: Option<Uuid>,
     pub replicas: Vec<ReplicaRecord>,
+    /// The settings committed with the record; `None` (a record of an older controller, or a
+    /// standalone engine's): the engine's command line decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<VolumeSettings>,
+}
+
+impl ReplicaRecord {
+    /// A replica added to the configuration at `epoch`: out of sync until a full rebuild makes
+    /// it a copy (rule 7), from which its written stamps are complete.
+    pub fn joining(id: &str, addr: &str, epoch: u64) -> ReplicaRecord {
+        ReplicaRecord {
+            id: id.to_owned(),
+            addr: addr.to_owned(),
+            state: ReplicaState::Ejected { epoch },
+            store_id: None,
+            tracked_since: epoch,
+            missed_regions: Vec::new(),
+        }
+    }
 }
 
 impl Membership {
@@ -188,6 +239,7 @@ mod tests {
                 tracked_since: 0,
                 missed_regions: Vec::new(),
             }],
+            settings: None,
         }
     }
 

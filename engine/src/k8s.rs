@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::authority::{
-    AuthorityError, Membership, MembershipAuthority, ReplicaRecord, ReplicaState, Versioned,
+    AuthorityError, Membership, MembershipAuthority, ReplicaRecord, ReplicaState, Versioned, VolumeSettings,
 };
 
 /// The API group of Barnacle's custom resources.
@@ -48,6 +48,8 @@ pub struct MembershipStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_id: Option<String>,
     pub replicas: Vec<MemberStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<VolumeSettings>,
 }
 
 impl MembershipStatus {
@@ -75,6 +77,7 @@ impl MembershipStatus {
                     }
                 })
                 .collect(),
+            settings: m.settings,
         }
     }
 
@@ -101,7 +104,12 @@ impl MembershipStatus {
         }
         Ok(Versioned {
             version: self.version,
-            membership: Membership { epoch: self.epoch, engine_id: uuid(&self.engine_id)?, replicas },
+            membership: Membership {
+                epoch: self.epoch,
+                engine_id: uuid(&self.engine_id)?,
+                replicas,
+                settings: self.settings,
+            },
         })
     }
 }
@@ -274,6 +282,12 @@ mod tests {
                     missed_regions: vec![4, 9],
                 },
             ],
+            settings: Some(VolumeSettings {
+                min_healthy: 2,
+                rebuild_mib_per_sec: 0,
+                max_iops: 500,
+                max_mib_per_sec: 40,
+            }),
         };
         let s = MembershipStatus::new(12, &m);
         let json = serde_json::to_value(&s).unwrap_or_default();
@@ -285,7 +299,10 @@ mod tests {
 
     #[test]
     fn malformed_states_are_refused() {
-        let mut s = MembershipStatus::new(1, &Membership { epoch: 1, engine_id: None, replicas: vec![] });
+        let mut s = MembershipStatus::new(
+            1,
+            &Membership { epoch: 1, engine_id: None, replicas: vec![], settings: None },
+        );
         s.replicas.push(MemberStatus {
             id: "r0".into(),
             addr: "a:1".into(),

@@ -9,12 +9,14 @@
 //! - [`mgmt`]: the gRPC management API (status, snapshots, expansion, adding and removing
 //!   replicas, shutdown).
 //! - [`metrics`]: the Prometheus `/metrics` endpoint.
+//! - [`qos`]: the volume's IO limits (token buckets), changed live.
 
 pub mod authority;
 pub mod k8s;
 pub mod metrics;
 pub mod mgmt;
 pub mod nbd;
+pub mod qos;
 pub mod volume;
 
 use std::sync::Arc;

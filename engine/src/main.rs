@@ -44,9 +44,11 @@ struct Args {
     /// Serve NBD on this unix socket (created 0600).
     #[arg(long)]
     nbd_socket: Option<PathBuf>,
-    /// Writes need at least this many healthy replicas.
-    #[arg(long, default_value_t = 1)]
-    min_healthy_replicas: usize,
+    /// Writes need at least this many healthy replicas. This and the other settings below apply
+    /// while the membership record holds none; once it does (the controller commits them), the
+    /// record's win.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    min_healthy_replicas: u32,
     /// Eject a replica that does not answer within this.
     #[arg(long, default_value_t = 5000)]
     replica_timeout_ms: u64,
@@ -54,8 +56,14 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
     /// Rebuild copy rate limit in MiB/s (0: unlimited).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = barnacle_engine::authority::DEFAULT_REBUILD_MIB_PER_SEC)]
     rebuild_mib_per_sec: u64,
+    /// Reads and writes per second through the export (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_iops: u64,
+    /// MiB per second read and written through the export (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_mib_per_sec: u64,
     /// How often replicas out of the configuration are tried for a rebuild.
     #[arg(long, default_value_t = 2000)]
     rebuild_retry_ms: u64,
@@ -108,10 +116,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         token: token.clone(),
         engine_id: args.engine_id.unwrap_or_else(Uuid::new_v4),
         replicas: args.replicas.clone(),
-        min_healthy: args.min_healthy_replicas,
+        settings: barnacle_engine::authority::VolumeSettings {
+            min_healthy: args.min_healthy_replicas,
+            rebuild_mib_per_sec: args.rebuild_mib_per_sec,
+            max_iops: args.max_iops,
+            max_mib_per_sec: args.max_mib_per_sec,
+        },
         replica_timeout: Duration::from_millis(args.replica_timeout_ms),
         heartbeat: Duration::from_millis(args.heartbeat_ms),
-        rebuild_bandwidth: args.rebuild_mib_per_sec.saturating_mul(1 << 20),
         rebuild_retry: Duration::from_millis(args.rebuild_retry_ms),
     };
     let authority: Arc<dyn MembershipAuthority> = match (&args.kube_namespace, &args.state_dir) {
@@ -181,12 +193,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     ready["mgmt"] = mgmt.local_addr()?.to_string().into();
     info!(volume_id = %args.volume_id, mgmt = %mgmt.local_addr()?, "management API");
     let stop_requested = CancellationToken::new();
-    let service = barnacle_engine::mgmt::Manager::service(
-        volume.clone(),
-        &token,
-        u32::try_from(args.min_healthy_replicas).unwrap_or(u32::MAX),
-        stop_requested.clone(),
-    );
+    let service = barnacle_engine::mgmt::Manager::service(volume.clone(), &token, stop_requested.clone());
     let sd = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(mgmt);

@@ -50,6 +50,11 @@ pub struct Metrics {
     rebuild_total: Gauge,
     rebuilt: Gauge,
     rebuilds: Gauge,
+    min_healthy: Gauge,
+    max_iops: Gauge,
+    max_bytes: Gauge,
+    throttled: Gauge,
+    throttled_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -94,6 +99,26 @@ impl Metrics {
         );
         registry.register("rebuilt_bytes", "Bytes written to rebuild targets since start", rebuilt.clone());
         registry.register("rebuilds_completed", "Rebuilds completed since start", rebuilds.clone());
+        let (min_healthy, max_iops, max_bytes, throttled) =
+            (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
+        let throttled_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register("min_healthy_replicas", "Healthy replicas writes need", min_healthy.clone());
+        registry.register("qos_max_iops", "The volume's IOPS limit (0: none)", max_iops.clone());
+        registry.register(
+            "qos_max_bytes_per_second",
+            "The volume's throughput limit in bytes per second (0: none)",
+            max_bytes.clone(),
+        );
+        registry.register(
+            "qos_throttled_ios",
+            "IOs the QoS limits made wait, since start",
+            throttled.clone(),
+        );
+        registry.register(
+            "qos_throttled_seconds",
+            "Time IOs waited for the QoS limits in all, since start",
+            throttled_seconds.clone(),
+        );
         Metrics {
             registry,
             ops,
@@ -107,6 +132,11 @@ impl Metrics {
             rebuild_total,
             rebuilt,
             rebuilds,
+            min_healthy,
+            max_iops,
+            max_bytes,
+            throttled,
+            throttled_seconds,
         }
     }
 
@@ -141,6 +171,13 @@ impl Metrics {
         self.epoch.set(big(m.epoch));
         self.resynced.set(big(volume.resynced_bytes()));
         self.size.set(big(volume.size()));
+        let settings = volume.settings();
+        self.min_healthy.set(i64::from(settings.min_healthy));
+        self.max_iops.set(big(settings.max_iops));
+        self.max_bytes.set(big(settings.max_mib_per_sec.saturating_mul(1 << 20)));
+        let (throttled, waited) = volume.throttled();
+        self.throttled.set(big(throttled));
+        self.throttled_seconds.set(waited.as_secs_f64());
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             warn!(error = %e, "encoding metrics failed");

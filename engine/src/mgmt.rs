@@ -7,9 +7,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::authority::ReplicaState;
+use crate::authority::{ReplicaState, VolumeSettings};
 use crate::nbd::{Backend, IoError};
-use crate::volume::Volume;
+use crate::volume::{SettingsError, Volume};
 
 /// Generated code of `proto/engine.proto`.
 #[allow(clippy::all, missing_debug_implementations, rust_2018_idioms)]
@@ -34,7 +34,6 @@ pub fn grpc_status(e: &IoError) -> Status {
 #[derive(Debug, Clone)]
 pub struct Manager {
     volume: Arc<Volume>,
-    min_healthy: u32,
     shutdown: CancellationToken,
 }
 
@@ -44,14 +43,13 @@ impl Manager {
     pub fn service(
         volume: Arc<Volume>,
         token: &str,
-        min_healthy: u32,
         shutdown: CancellationToken,
     ) -> tonic::service::interceptor::InterceptedService<
         EngineManagerServer<Manager>,
         impl tonic::service::Interceptor + Clone + use<>,
     > {
         let check = barnacle_replica::mgmt::bearer_check(token, volume.volume_id());
-        EngineManagerServer::with_interceptor(Manager { volume, min_healthy, shutdown }, check)
+        EngineManagerServer::with_interceptor(Manager { volume, shutdown }, check)
     }
 
     fn status(&self) -> pb::StatusResponse {
@@ -59,6 +57,8 @@ impl Manager {
         let rebuild = self.volume.rebuild_progress();
         let (rebuilt_bytes, rebuilds_completed) = self.volume.rebuild_totals();
         let silence: std::collections::HashMap<_, _> = self.volume.member_silence().into_iter().collect();
+        let settings = self.volume.settings();
+        let (throttled_ios, waited) = self.volume.throttled();
         pb::StatusResponse {
             volume_id: self.volume.volume_id().to_owned(),
             size_bytes: self.volume.size(),
@@ -90,12 +90,24 @@ impl Manager {
                 })
                 .collect(),
             resynced_bytes: self.volume.resynced_bytes(),
-            min_healthy_replicas: self.min_healthy,
+            min_healthy_replicas: settings.min_healthy,
+            settings: Some(settings_pb(&settings)),
+            throttled_ios,
+            throttled_micros: u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
             rebuild: rebuild.map(rebuild_pb),
             last_rebuild: self.volume.last_rebuild().map(rebuild_pb),
             rebuilds_completed,
             rebuilt_bytes,
         }
+    }
+}
+
+fn settings_pb(s: &VolumeSettings) -> pb::Settings {
+    pb::Settings {
+        min_healthy_replicas: s.min_healthy,
+        rebuild_mib_per_sec: s.rebuild_mib_per_sec,
+        max_iops: s.max_iops,
+        max_mib_per_sec: s.max_mib_per_sec,
     }
 }
 
@@ -119,11 +131,16 @@ impl EngineManager for Manager {
         &self,
         req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
-        let name = req.into_inner().name;
-        if name.is_empty() || name.len() > barnacle_replica::store::MAX_SNAPSHOT_NAME {
+        let r = req.into_inner();
+        if r.name.is_empty() || r.name.len() > barnacle_replica::store::MAX_SNAPSHOT_NAME {
             return Err(Status::invalid_argument("snapshot name must be 1 to 128 bytes"));
         }
-        self.volume.create_snapshot(&name).await.map_err(|e| grpc_status(&e))?;
+        if r.hold_id.is_empty() {
+            self.volume.create_snapshot(&r.name).await
+        } else {
+            self.volume.create_snapshot_held(&r.name, &r.hold_id).await
+        }
+        .map_err(|e| grpc_status(&e))?;
         Ok(Response::new(pb::SnapshotResponse {}))
     }
 
@@ -135,6 +152,7 @@ impl EngineManager for Manager {
         if name.is_empty() {
             return Err(Status::invalid_argument("snapshot name is required"));
         }
+
         self.volume.delete_snapshot(&name).await.map_err(|e| grpc_status(&e))?;
         Ok(Response::new(pb::SnapshotResponse {}))
     }
@@ -179,6 +197,37 @@ impl EngineManager for Manager {
         let r = req.into_inner();
         self.volume.add_replica(&r.id, &r.address).await.map_err(|e| grpc_status(&e))?;
         Ok(Response::new(Manager::status(self)))
+    }
+
+    async fn configure(&self, req: Request<pb::Settings>) -> Result<Response<pb::StatusResponse>, Status> {
+        let s = req.into_inner();
+        let new = VolumeSettings {
+            min_healthy: s.min_healthy_replicas,
+            rebuild_mib_per_sec: s.rebuild_mib_per_sec,
+            max_iops: s.max_iops,
+            max_mib_per_sec: s.max_mib_per_sec,
+        };
+        self.volume.configure(new).await.map_err(|e| match e {
+            SettingsError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            SettingsError::TooFewHealthy { .. } => Status::failed_precondition(e.to_string()),
+            SettingsError::Io(io) => grpc_status(&io),
+        })?;
+        Ok(Response::new(Manager::status(self)))
+    }
+
+    async fn hold_io(&self, req: Request<pb::HoldIoRequest>) -> Result<Response<pb::HoldIoResponse>, Status> {
+        let r = req.into_inner();
+        let lease = std::time::Duration::from_millis(u64::from(r.lease_ms));
+        self.volume.hold_io(&r.hold_id, lease).await.map_err(|e| grpc_status(&e))?;
+        Ok(Response::new(pb::HoldIoResponse { released: false }))
+    }
+
+    async fn release_io(
+        &self,
+        req: Request<pb::HoldIoRequest>,
+    ) -> Result<Response<pb::HoldIoResponse>, Status> {
+        let released = self.volume.release_io(&req.into_inner().hold_id);
+        Ok(Response::new(pb::HoldIoResponse { released }))
     }
 
     async fn shutdown(

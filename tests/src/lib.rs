@@ -407,13 +407,17 @@ pub fn fio_verified_load(uri: &str, size_mib: u64, out: &Path) -> Child {
 
 /// [`fio_verified_load`] with another block size option (`--bs=...` or `--bsrange=...`).
 pub fn fio_verified_load_bs(uri: &str, size_mib: u64, out: &Path, bs: &str) -> Child {
+    fio_verified_load_with(uri, size_mib, out, &[bs])
+}
+
+/// [`fio_verified_load`] with `extra` options (a block size, a rate, …) in place of `--bs=4k`.
+pub fn fio_verified_load_with(uri: &str, size_mib: u64, out: &Path, extra: &[&str]) -> Child {
     Command::new("fio")
         .args([
             "--name=load",
             "--ioengine=nbd",
             &format!("--uri={uri}"),
             "--rw=randwrite",
-            bs,
             &format!("--size={size_mib}m"),
             "--iodepth=8",
             "--verify=crc32c",
@@ -424,6 +428,7 @@ pub fn fio_verified_load_bs(uri: &str, size_mib: u64, out: &Path, bs: &str) -> C
             "--output-format=json",
             &format!("--output={}", out.display()),
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

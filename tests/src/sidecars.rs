@@ -16,7 +16,12 @@
 //!   VolumeSnapshot becomes a VolumeSnapshotContent and CreateSnapshot, both statuses ready; a
 //!   content whose VolumeSnapshot is gone is DeleteSnapshot, then deleted;
 //! - **external-resizer**: a bound PVC asking for more than its PV holds is
-//!   ControllerExpandVolume, the PV's new capacity, and FileSystemResizePending for the kubelet.
+//!   ControllerExpandVolume, the PV's new capacity, and FileSystemResizePending for the kubelet;
+//!   a PVC whose VolumeAttributesClass changed is ControllerModifyVolume with the class's
+//!   parameters. Kubernetes 1.20 has neither the class nor the PVC's field, so the test stands in
+//!   for them: a ConfigMap is the class (its data the parameters), the PVC's annotation
+//!   [`VAC_ANNOTATION`] names it as `spec.volumeAttributesClassName` would, and
+//!   [`CURRENT_VAC_ANNOTATION`] is set once applied, as `status.currentVolumeAttributesClassName`.
 //!
 //! Everything on the nodes (registration, NodeStage, NodePublish, NodeExpand, unpublish,
 //! unstage) is the real kubelet's.
@@ -27,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use csi_proto::v1 as csi;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass, VolumeAttachment};
 use kube::Client;
 use kube::api::{
@@ -40,6 +45,10 @@ use tokio_util::sync::CancellationToken;
 const PROVISIONER_ANNOTATION: &str = "volume.beta.kubernetes.io/storage-provisioner";
 const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
+/// On a PVC: the ConfigMap standing in for its VolumeAttributesClass (`spec.volumeAttributesClassName`).
+pub const VAC_ANNOTATION: &str = "barnacle.test/volume-attributes-class";
+/// On a PVC: the class last applied (`status.currentVolumeAttributesClassName`).
+pub const CURRENT_VAC_ANNOTATION: &str = "barnacle.test/current-volume-attributes-class";
 
 /// The running player; stops when dropped.
 #[derive(Debug)]
@@ -179,6 +188,7 @@ impl Player {
             ("attacher", self.attach().await),
             ("snapshotter", self.snapshot().await),
             ("resizer", self.resize().await),
+            ("resizer (modify)", self.modify().await),
         ] {
             if let Err(err) = r {
                 self.note(format!("{what}: {err}"));
@@ -651,6 +661,43 @@ impl Player {
                 self.note(format!("deleted snapshot {h}"));
             }
             contents.delete(&name, &DeleteParams::default()).await.map_err(e("deleting a content"))?;
+        }
+        Ok(())
+    }
+
+    async fn modify(&self) -> Res<()> {
+        let pvcs: Api<PersistentVolumeClaim> = Api::all(self.client.clone());
+        let pvs: Api<PersistentVolume> = Api::all(self.client.clone());
+        for pvc in pvcs.list(&ListParams::default()).await.map_err(e("listing PVCs"))?.items {
+            let notes = pvc.metadata.annotations.clone().unwrap_or_default();
+            let Some(class) = notes.get(VAC_ANNOTATION) else { continue };
+            if notes.get(CURRENT_VAC_ANNOTATION) == Some(class) {
+                continue;
+            }
+            let Some(pv_name) = pvc.spec.as_ref().and_then(|s| s.volume_name.clone()) else { continue };
+            let Some(pv) = pvs.get_opt(&pv_name).await.map_err(e("reading a PV"))? else { continue };
+            let Some(c) = pv.spec.and_then(|s| s.csi).filter(|c| c.driver == self.driver) else { continue };
+            let (ns, name) = (
+                pvc.metadata.namespace.clone().unwrap_or_default(),
+                pvc.metadata.name.clone().unwrap_or_default(),
+            );
+            let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+            let Some(cm) = cms.get_opt(class).await.map_err(e("reading the class"))? else { continue };
+            self.controller()
+                .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+                    volume_id: c.volume_handle.clone(),
+                    mutable_parameters: cm.data.unwrap_or_default().into_iter().collect(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status(&format!("ControllerModifyVolume {}", c.volume_handle)))?;
+            let patch =
+                serde_json::json!({ "metadata": { "annotations": { CURRENT_VAC_ANNOTATION: class } } });
+            Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &ns)
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(e("recording the applied class"))?;
+            self.note(format!("modified {ns}/{name} ({}) to class {class}", c.volume_handle));
         }
         Ok(())
     }

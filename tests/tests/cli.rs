@@ -183,6 +183,28 @@ fn the_readme_walkthrough_runs_line_by_line() {
                 let v = json(&data, &args);
                 assert_eq!(gib(&v), 2.0, "{v}");
             }
+            ["snapshot", "group", name, ref volumes @ ..] => {
+                let s = json(&data, &args);
+                let members = s.as_array().unwrap();
+                assert_eq!(members.len(), volumes.len(), "{s}");
+                for (m, v) in members.iter().zip(volumes) {
+                    assert_eq!(
+                        (m["group"]["name"].as_str(), m["ready"].as_bool()),
+                        (Some(name), Some(true)),
+                        "{s}"
+                    );
+                    assert!(volumes.contains(&m["volume"].as_str().unwrap()), "{v}: {s}");
+                }
+            }
+            ["volume", "modify", _, "--replicas", n, "--max-iops", iops, ..] => {
+                let v = json(&data, &args);
+                let replicas = v["replicas"].as_array().unwrap();
+                assert_eq!(replicas.len(), n.parse::<usize>().unwrap(), "{v}");
+                assert_eq!(v["max_iops"].as_u64(), Some(iops.parse().unwrap()), "{v}");
+                if args.contains(&"--wait") {
+                    assert!(replicas.iter().all(|r| r["state"] == "healthy"), "--wait returned early: {v}");
+                }
+            }
             ["replica", "kill", volume, replica] => {
                 let k = json(&data, &args);
                 assert_eq!((k["volume"].as_str(), k["replica"].as_str()), (Some(volume), Some(replica)));

@@ -79,10 +79,10 @@ async fn identity_reports_the_driver_and_its_capabilities() {
     assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
     let caps = id.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
     let text = format!("{caps:?}");
-    for want in ["ControllerService", "VolumeAccessibilityConstraints", "Online"] {
-        assert!(text.contains(want) || caps.capabilities.len() == 3, "{want} missing in {text}");
+    for want in ["ControllerService", "GroupControllerService", "VolumeAccessibilityConstraints", "Online"] {
+        assert!(text.contains(want), "{want} missing in {text}");
     }
-    assert_eq!(caps.capabilities.len(), 3);
+    assert_eq!(caps.capabilities.len(), 4);
     let ccaps =
         c.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {}).await.unwrap().into_inner();
     use csi::controller_service_capability::rpc::Type as Rpc;
@@ -106,6 +106,7 @@ async fn identity_reports_the_driver_and_its_capabilities() {
         Rpc::GetVolume,
         Rpc::SingleNodeMultiWriter,
         Rpc::GetSnapshot,
+        Rpc::ModifyVolume,
     ] {
         assert!(got.contains(&(want as i32)), "{want:?} not advertised");
     }
@@ -451,10 +452,84 @@ async fn every_rpc_follows_the_spec_error_table() {
         .controller_get_volume(csi::ControllerGetVolumeRequest::default()));
     case!("get volume: unknown", Code::NotFound, |c| c
         .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: "vol-0000000000000000".into() }));
-    case!("modify volume: not supported", Code::Unimplemented, |c| {
-        c.controller_modify_volume(csi::ControllerModifyVolumeRequest::default())
+    // ControllerModifyVolume (the spec's table: INVALID_ARGUMENT for parameters it does not
+    // support, NOT_FOUND for an unknown volume, OUT_OF_RANGE beyond what it can do).
+    let modify = |vol: &str, kv: &[(&str, &str)]| csi::ControllerModifyVolumeRequest {
+        volume_id: vol.to_owned(),
+        mutable_parameters: kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        ..Default::default()
+    };
+    case!("modify: no id", Code::InvalidArgument, |c| c
+        .controller_modify_volume(modify("", &[("maxIops", "5")])));
+    case!("modify: unknown volume", Code::NotFound, |c| {
+        c.controller_modify_volume(modify("vol-0000000000000000", &[("maxIops", "5")]))
+    });
+    case!("modify: an immutable parameter", Code::InvalidArgument, |c| {
+        c.controller_modify_volume(modify(base_id, &[("thin", "false")]))
+    });
+    case!("modify: an unknown parameter", Code::InvalidArgument, |c| {
+        c.controller_modify_volume(modify(base_id, &[("iops", "5")]))
+    });
+    case!("modify: a bad value", Code::InvalidArgument, |c| {
+        c.controller_modify_volume(modify(base_id, &[("maxIops", "-5")]))
+    });
+    case!("modify: more replicas than allowed", Code::InvalidArgument, |c| {
+        c.controller_modify_volume(modify(base_id, &[("replicas", "6")]))
+    });
+    case!("modify: a minimum above the replica count", Code::InvalidArgument, |c| {
+        c.controller_modify_volume(modify(base_id, &[("minHealthyReplicas", "2")]))
+    });
+    case!("modify: more replicas than nodes", Code::ResourceExhausted, |c| {
+        c.controller_modify_volume(modify(base_id, &[("replicas", "4")]))
+    });
+    case!("modify: nothing asked", Code::Ok, |c| c.controller_modify_volume(modify(base_id, &[])));
+    case!("modify: limits of a published volume", Code::Ok, |c| {
+        c.controller_modify_volume(modify(pub_id, &[("maxIops", "5000"), ("maxMiBPerSec", "100")]))
+    });
+    case!("modify: the same again", Code::Ok, |c| {
+        c.controller_modify_volume(modify(pub_id, &[("maxIops", "5000"), ("maxMiBPerSec", "100")]))
+    });
+    case!("create: an unknown mutable parameter", Code::InvalidArgument, |c| {
+        let mut r = one_replica("x-mut", 16);
+        r.mutable_parameters = [("fsType".to_owned(), "xfs".to_owned())].into();
+        c.create_volume(r)
     });
     check(cases).await;
+
+    // A volume created with a VolumeAttributesClass's parameters has them, and they win over the
+    // StorageClass's; ValidateVolumeCapabilities judges the mutable ones it is asked about.
+    let mut c2 = c.clone();
+    let mut r = create_req("conf-class", 16, &[("replicas", "1"), ("maxIops", "100")]);
+    r.mutable_parameters = [("maxIops".to_owned(), "300".to_owned())].into();
+    let classed = c2.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+    let validate_params =
+        |params: &[(&str, &str)], mutable: &[(&str, &str)]| csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: classed.volume_id.clone(),
+            volume_capabilities: vec![csi_capability(false, "ext4")],
+            parameters: params.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            mutable_parameters: mutable.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            ..Default::default()
+        };
+    let yes = c2
+        .validate_volume_capabilities(validate_params(&[], &[("maxIops", "300")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(yes.confirmed.is_some_and(|c| c.mutable_parameters["maxIops"] == "300"), "{}", yes.message);
+    let no = c2
+        .validate_volume_capabilities(validate_params(&[("maxIops", "100")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none(), "the class's value was overridden");
+    // Modified, it validates against the new value.
+    c2.controller_modify_volume(modify(&classed.volume_id, &[("maxIops", "0")])).await.unwrap();
+    let yes = c2
+        .validate_volume_capabilities(validate_params(&[("maxIops", "0")], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(yes.confirmed.is_some(), "{}", yes.message);
 
     // Results of the successful calls.
     let mut c = c.clone();

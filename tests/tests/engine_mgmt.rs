@@ -77,18 +77,23 @@ async fn snapshots_expansion_status_and_shutdown() {
         .unwrap();
     for i in 0..4 {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        m.create_snapshot(authed(pb::SnapshotRequest { name: format!("s{i}") })).await.unwrap();
+        m.create_snapshot(authed(pb::SnapshotRequest { name: format!("s{i}"), ..Default::default() }))
+            .await
+            .unwrap();
     }
     let out = tokio::task::spawn_blocking(move || load.wait_with_output()).await.unwrap().unwrap();
     assert!(out.status.success(), "fio: {}", String::from_utf8_lossy(&out.stderr));
     // Repeating a create is fine; the list has each once.
-    m.create_snapshot(authed(pb::SnapshotRequest { name: "s0".into() })).await.unwrap();
+    m.create_snapshot(authed(pb::SnapshotRequest { name: "s0".into(), ..Default::default() })).await.unwrap();
     let list = m.list_snapshots(authed(pb::ListSnapshotsRequest {})).await.unwrap().into_inner();
     let names: Vec<_> = list.snapshots.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, vec!["s0", "s1", "s2", "s3"]);
-    m.delete_snapshot(authed(pb::SnapshotRequest { name: "s3".into() })).await.unwrap();
-    m.delete_snapshot(authed(pb::SnapshotRequest { name: "s3".into() })).await.unwrap();
-    let e = m.create_snapshot(authed(pb::SnapshotRequest { name: String::new() })).await.unwrap_err();
+    m.delete_snapshot(authed(pb::SnapshotRequest { name: "s3".into(), ..Default::default() })).await.unwrap();
+    m.delete_snapshot(authed(pb::SnapshotRequest { name: "s3".into(), ..Default::default() })).await.unwrap();
+    let e = m
+        .create_snapshot(authed(pb::SnapshotRequest { name: String::new(), ..Default::default() }))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 
     // Expansion: every replica grows, and a new NBD client sees the new size.
@@ -146,5 +151,81 @@ async fn snapshots_expansion_status_and_shutdown() {
         let names: Vec<_> = c.snapshot_list().await.unwrap().into_iter().map(|s| s.name).collect();
         assert_eq!(names, vec!["s0", "s1", "s2"]);
         assert_eq!(c.stat().await.unwrap().size, 96 * MIB);
+    }
+}
+
+/// Whether a qemu-io write through `uri`, started now, completes within `within`; the process is
+/// returned when it did not (it completes once IO goes on).
+fn write_completes(uri: &str, pattern: u8, within: Duration) -> Result<(), std::process::Child> {
+    let mut child = Command::new("qemu-io")
+        .args(["-f", "raw", uri, "-c", &format!("write -P {pattern} 0 64k")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            assert!(s.success(), "qemu-io failed");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_io_hold_stops_writes_until_released_or_lapsed_and_snapshots_under_it() {
+    let root = tempfile::tempdir().unwrap();
+    let token = root.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let log = root.path().join("log");
+    let replicas: Vec<_> = (0..2)
+        .map(|i| ReplicaProcess::start(&root.path().join(format!("r{i}")), VOL, &token, Some("16MiB"), &log))
+        .collect();
+    let ids: Vec<(String, SocketAddr)> =
+        replicas.iter().enumerate().map(|(i, r)| (format!("r{i}"), r.data)).collect();
+    let engine = EngineProcess::start(VOL, &token, &ids, &root.path().join("engine"), &[], &log);
+    let uri = engine.uri(VOL);
+    let mut m = EngineManagerClient::connect(format!("http://{}", engine.mgmt)).await.unwrap();
+    let hold = |id: &str, lease_ms: u32| authed(pb::HoldIoRequest { hold_id: id.into(), lease_ms });
+    assert!(write_completes(&uri, 1, Duration::from_secs(60)).is_ok());
+
+    // Held: a write waits (for as long as we look) and completes once the hold is released.
+    m.hold_io(hold("g1", 20_000)).await.unwrap();
+    m.hold_io(hold("g1", 20_000)).await.unwrap();
+    let waiting =
+        write_completes(&uri, 2, Duration::from_millis(700)).expect_err("a write went through a hold");
+    // A snapshot under the hold is taken without waiting for it; under another id it is refused.
+    let snap =
+        |name: &str, hold: &str| authed(pb::SnapshotRequest { name: name.into(), hold_id: hold.into() });
+    m.create_snapshot(snap("held", "g1")).await.unwrap();
+    let e = m.create_snapshot(snap("other", "g2")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let released = m.release_io(hold("g1", 0)).await.unwrap().into_inner();
+    assert!(released.released);
+    let out = tokio::task::spawn_blocking(move || waiting.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success());
+    // A hold nobody releases lapses at its lease; bad holds are refused.
+    let e = m.hold_io(hold("", 1000)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = m.hold_io(hold("long", 60_000)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    m.hold_io(hold("g3", 1500)).await.unwrap();
+    let waiting =
+        write_completes(&uri, 3, Duration::from_millis(300)).expect_err("a write went through a hold");
+    let out = tokio::task::spawn_blocking(move || waiting.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "the write never completed after the lease");
+    assert!(!m.release_io(hold("g3", 0)).await.unwrap().into_inner().released, "the hold had lapsed");
+
+    // The snapshot holds what preceded the hold (pattern 1), not the write that waited (2);
+    // read on each replica directly (which fences the engine out: last).
+    for r in &replicas {
+        let c = direct(r, 1000).await;
+        let snapped = c.read_snapshot("held", 0, 65536).await.unwrap();
+        assert!(snapped.iter().all(|b| *b == 1), "the held snapshot has the write that waited");
+        let head = c.read(0, 65536).await.unwrap();
+        assert!(head.iter().all(|b| *b == 3), "the writes after the holds landed");
     }
 }

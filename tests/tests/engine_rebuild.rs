@@ -226,7 +226,7 @@ async fn a_new_replica_joins_by_a_full_rebuild_that_recreates_snapshots() {
     let uri = engine.uri(VOL);
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x11 0 4M", "-c", "write -P 0x12 32M 2M"]);
     let mut m = manager(&engine).await;
-    let snap = |name: &str| authed(pb::SnapshotRequest { name: name.into() });
+    let snap = |name: &str| authed(pb::SnapshotRequest { name: name.into(), ..Default::default() });
     m.create_snapshot(snap("s1")).await.unwrap();
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x22 2M 4M", "-c", "discard 0 1M"]);
     m.create_snapshot(snap("s2")).await.unwrap();
@@ -332,7 +332,7 @@ async fn a_snapshot_name_reused_while_a_replica_was_away_forces_a_full_rebuild()
         s.engine(&["--replica-timeout-ms", "1000", "--heartbeat-ms", "200", "--rebuild-retry-ms", "200"]);
     let uri = engine.uri(VOL);
     let mut m = manager(&engine).await;
-    let snap = |name: &str| authed(pb::SnapshotRequest { name: name.into() });
+    let snap = |name: &str| authed(pb::SnapshotRequest { name: name.into(), ..Default::default() });
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x0a 0 1M"]);
     m.create_snapshot(snap("s")).await.unwrap();
     // r1 goes away holding "s" = 0x0a; meanwhile "s" is deleted and taken again over 0x0b.

@@ -184,6 +184,13 @@ async fn the_membership_authority_is_a_compare_and_set_on_the_volume_resource() 
                 missed_regions: vec![0, 4 << 20],
             },
         ],
+        // The settings too: a schema without them would prune them silently.
+        settings: Some(barnacle_engine::authority::VolumeSettings {
+            min_healthy: 2,
+            rebuild_mib_per_sec: 50,
+            max_iops: 300,
+            max_mib_per_sec: 0,
+        }),
     };
     let (a2, r2) = (a.clone(), record.clone());
     let v1 = blocking(Box::new(move || a2.compare_and_set(None, &r2))).await.unwrap().unwrap();

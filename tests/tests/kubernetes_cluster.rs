@@ -232,6 +232,40 @@ fn barnacle_on_a_real_three_node_cluster() {
         v["status"]["membership"]["epoch"].as_u64().unwrap_or(0) > 1 && all_healthy(&c, &vid0)
     });
 
+    // The volume's attributes class changed while web-0 uses it (the resizer's part played, see
+    // barnacle_tests::sidecars): 3 → 2 replicas, a replica pod goes; then 3 again, a new replica
+    // (a new id) is placed, rebuilt and healthy. web-0's data stays whole throughout.
+    for (class, replicas) in [("two-replicas", 2), ("three-replicas", 3)] {
+        c.apply(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {class}, namespace: default}}\ndata: {{replicas: \"{replicas}\"}}\n"
+        ));
+        c.ok(&[
+            "annotate",
+            "pvc",
+            "data-web-0",
+            &format!("{}={class}", barnacle_tests::sidecars::VAC_ANNOTATION),
+            "--overwrite",
+        ]);
+        c.wait_for(&format!("data-web-0 to have class {class}"), 3 * MIN, || {
+            c.ok(&["get", "pvc", "data-web-0", "-o", "json"])
+                .contains(&format!("\"{}\": \"{class}\"", barnacle_tests::sidecars::CURRENT_VAC_ANNOTATION))
+        });
+        c.wait_for(&format!("{replicas} healthy replicas"), 3 * MIN, || {
+            let v = c.json(&["-n", NS, "get", "volumes.barnacle.dev", &vid0]);
+            let r = v["status"]["membership"]["replicas"].as_array().cloned().unwrap_or_default();
+            let pods = volume_pods(&c, &vid0).iter().filter(|p| p.1 == "replica").count();
+            r.len() == replicas && pods == replicas && r.iter().all(|r| r["state"] == "healthy")
+        });
+        exec(&c, "web-0", "sha256sum -c /data/blob.sum");
+    }
+    let ids: Vec<String> = c.json(&["-n", NS, "get", "volumes.barnacle.dev", &vid0])["spec"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(ids.contains(&"r3".to_owned()), "the new replica has a new id: {ids:?}");
+
     // web-0 deleted: its replacement mounts the same volume and finds the file.
     let node0 = node_of(&c, "web-0");
     c.ok(&["delete", "pod", "web-0", "--wait=true", "--timeout=180s"]);

@@ -30,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
-use crate::authority::{AuthorityError, Membership, MembershipAuthority, ReplicaRecord, ReplicaState};
+use crate::authority::{
+    AuthorityError, Membership, MembershipAuthority, ReplicaRecord, ReplicaState, VolumeSettings,
+};
 use crate::nbd::{Backend, IoError};
 
 /// How the engine runs one volume.
@@ -41,15 +43,14 @@ pub struct VolumeConfig {
     pub engine_id: Uuid,
     /// The replica set to start with when the authority holds no record yet: (id, address).
     pub replicas: Vec<(String, String)>,
-    /// Writes need at least this many healthy replicas; below it they fail (nothing is acked).
-    pub min_healthy: usize,
+    /// The settings to serve with when the membership record holds none (the record's win:
+    /// they are what the controller last committed).
+    pub settings: VolumeSettings,
     /// A replica that does not answer a request within this is ejected.
     pub replica_timeout: Duration,
     /// Keep-alive interval towards replicas; silence of `replica_timeout` + 4 beats closes a
     /// connection.
     pub heartbeat: Duration,
-    /// Rebuild copy rate limit in bytes per second (0: unlimited).
-    pub rebuild_bandwidth: u64,
     /// How often replicas out of the configuration are tried for a rebuild.
     pub rebuild_retry: Duration,
 }
@@ -60,9 +61,22 @@ impl std::fmt::Debug for VolumeConfig {
             .field("volume_id", &self.volume_id)
             .field("engine_id", &self.engine_id)
             .field("replicas", &self.replicas)
-            .field("min_healthy", &self.min_healthy)
+            .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
+}
+
+/// Why new settings were not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("invalid settings: {0}")]
+    Invalid(String),
+    #[error(
+        "only {healthy} replicas are healthy now; a minimum of {wanted} would fail writes until a rebuild completes"
+    )]
+    TooFewHealthy { healthy: usize, wanted: u32 },
+    #[error(transparent)]
+    Io(IoError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +188,9 @@ pub struct Volume {
     size: std::sync::atomic::AtomicU64,
     /// Every IO holds it shared; snapshots and expansion take it exclusively, which drains the IO
     /// in flight and holds new IO back until they finish.
-    io_gate: tokio::sync::RwLock<()>,
+    io_gate: Arc<tokio::sync::RwLock<()>>,
+    /// A group snapshot's IO hold in force: its id, the gate held, and when it lapses.
+    hold: Mutex<Option<Hold>>,
     next_read: AtomicUsize,
     deposed: CancellationToken,
     resynced: std::sync::atomic::AtomicU64,
@@ -186,6 +202,28 @@ pub struct Volume {
     /// commit it (a write that failed with an uncommitted ejection still landed on the others).
     lacking: Mutex<std::collections::BTreeSet<u64>>,
     rebuild: rebuild::RebuildState,
+    /// The settings in force (those of the record, else the configuration's).
+    settings: Mutex<VolumeSettings>,
+    /// `settings.min_healthy`, read on the IO path.
+    min_healthy: AtomicUsize,
+    /// `settings.rebuild_mib_per_sec` in bytes per second, read by the rebuild as it copies.
+    rebuild_rate: std::sync::atomic::AtomicU64,
+    qos: crate::qos::Qos,
+}
+
+/// Longest IO hold a group snapshot may ask for: an NBD client's IO waits this long at most.
+pub const MAX_HOLD: Duration = Duration::from_secs(30);
+
+/// An IO hold: new IO waits until it is released or lapses.
+struct Hold {
+    id: String,
+    _gate: tokio::sync::OwnedRwLockWriteGuard<()>,
+    until: tokio::time::Instant,
+}
+
+/// The IO limits of settings.
+fn limits(s: &VolumeSettings) -> crate::qos::Limits {
+    crate::qos::Limits { iops: s.max_iops, bytes_per_sec: s.max_mib_per_sec.saturating_mul(1 << 20) }
 }
 
 /// Writes in flight, so intent marks are cleared only after every write a flush could have
@@ -321,10 +359,15 @@ impl Volume {
                             missed_regions: Vec::new(),
                         })
                         .collect(),
+                    settings: None,
                 },
                 None,
             ),
         };
+        let settings = record.settings.unwrap_or(cfg.settings);
+        if record.settings.is_some_and(|s| s != cfg.settings) {
+            info!(volume_id = %cfg.volume_id, ?settings, "serving with the settings of the membership record, not the command line's");
+        }
         record.epoch += 1;
         record.engine_id = Some(cfg.engine_id);
         let (a, r) = (authority.clone(), record.clone());
@@ -343,7 +386,8 @@ impl Volume {
             change: tokio::sync::Mutex::new(()),
             ranges: RangeLock::default(),
             size: std::sync::atomic::AtomicU64::new(0),
-            io_gate: tokio::sync::RwLock::new(()),
+            io_gate: Arc::new(tokio::sync::RwLock::new(())),
+            hold: Mutex::new(None),
             next_read: AtomicUsize::new(0),
             deposed: CancellationToken::new(),
             resynced: std::sync::atomic::AtomicU64::new(0),
@@ -351,6 +395,12 @@ impl Volume {
             writes: Arc::new(WriteTracker::default()),
             lacking: Mutex::new(std::collections::BTreeSet::new()),
             rebuild: rebuild::RebuildState::default(),
+            settings: Mutex::new(settings),
+            min_healthy: AtomicUsize::new(settings.min_healthy as usize),
+            rebuild_rate: std::sync::atomic::AtomicU64::new(
+                settings.rebuild_mib_per_sec.saturating_mul(1 << 20),
+            ),
+            qos: crate::qos::Qos::new(limits(&settings)),
         };
         let attempts = join_all(record.healthy().map(|r| {
             let c = vol.client_config(record.epoch);
@@ -457,11 +507,11 @@ impl Volume {
             tokio::time::sleep(lease).await;
         }
         let healthy = vol.view.read().members.len();
-        if healthy < vol.cfg.min_healthy || healthy == 0 {
+        if healthy < vol.min_healthy() {
             return Err(VolumeError::TooFewReplicas {
                 volume_id: vol.cfg.volume_id.clone(),
                 healthy,
-                required: vol.cfg.min_healthy.max(1),
+                required: vol.min_healthy(),
             });
         }
         let copied = vol.resync().await?;
@@ -539,7 +589,7 @@ impl Volume {
             }
             let remaining: Vec<Arc<Member>> =
                 view.members.iter().filter(|m| !ids.contains(&m.id)).cloned().collect();
-            let required = self.cfg.min_healthy.max(1);
+            let required = self.min_healthy();
             if remaining.len() < required {
                 // Losing every member at once is what a newer engine's fence looks like: if the
                 // record moved on, this engine is deposed.
@@ -707,7 +757,7 @@ impl Volume {
                 let gone: Vec<String> =
                     view.members.iter().filter(|m| m.client.is_closed()).map(|m| m.id.clone()).collect();
                 // Below the minimum the next IO fails and reports it; nothing to commit here.
-                if gone.is_empty() || view.members.len() - gone.len() < vol.cfg.min_healthy.max(1) {
+                if gone.is_empty() || view.members.len() - gone.len() < vol.min_healthy() {
                     continue;
                 }
                 warn!(volume_id = %vol.cfg.volume_id, replicas = ?gone, "replica connection lost; ejecting");
@@ -827,7 +877,7 @@ impl Volume {
             };
             let (id, dirty) = failed;
             let members = self.view.read().members.len();
-            if members > self.cfg.min_healthy.max(1) {
+            if members > self.min_healthy() {
                 warn!(volume_id = %self.cfg.volume_id, replica = %id, error = %e,
                       "replica failed during the start-up resync: ejecting it");
                 self.eject_with(std::slice::from_ref(&id), &dirty).await.map_err(|e| match e {
@@ -965,6 +1015,85 @@ impl Volume {
     /// every member snapshots, IO resumes. Repeating a snapshot that (partly) exists completes it.
     pub async fn create_snapshot(&self, name: &str) -> Result<(), IoError> {
         let _barrier = self.io_gate.write().await;
+        self.snapshot_members(name).await
+    }
+
+    /// Holds IO for a group snapshot: waits until the IO in flight has completed, then makes new
+    /// IO wait, until [`Volume::release_io`] with the same id or until `lease` has passed (a
+    /// controller that dies midway must not stop the volume). Repeating a hold in force is a
+    /// no-op. Snapshots under the hold are taken by [`Volume::create_snapshot_held`].
+    pub async fn hold_io(self: &Arc<Self>, id: &str, lease: Duration) -> Result<(), IoError> {
+        if id.is_empty() || lease.is_zero() || lease > MAX_HOLD {
+            return Err(IoError::Invalid(format!(
+                "an IO hold needs an id and a lease of at most {} s",
+                MAX_HOLD.as_secs()
+            )));
+        }
+        if self.hold.lock().as_ref().is_some_and(|h| h.id == id) {
+            return Ok(());
+        }
+        let gate = tokio::time::timeout(lease, self.io_gate.clone().write_owned()).await.map_err(|_| {
+            IoError::Io(format!(
+                "volume {}: IO in flight did not drain within the hold's lease",
+                self.cfg.volume_id
+            ))
+        })?;
+        let until = tokio::time::Instant::now() + lease;
+        *self.hold.lock() = Some(Hold { id: id.to_owned(), _gate: gate, until });
+        info!(volume_id = %self.cfg.volume_id, hold = id, ?lease, "IO held");
+        let (weak, id) = (Arc::downgrade(self), id.to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep_until(until).await;
+            if let Some(vol) = weak.upgrade()
+                && vol.release_io(&id)
+            {
+                warn!(volume_id = %vol.cfg.volume_id, hold = %id, "an IO hold lapsed unreleased: IO goes on");
+            }
+        });
+        Ok(())
+    }
+
+    /// Ends the IO hold `id`; false when it is not in force (released, lapsed, or another).
+    pub fn release_io(&self, id: &str) -> bool {
+        let mut hold = self.hold.lock();
+        if hold.as_ref().is_some_and(|h| h.id == id) {
+            *hold = None;
+            drop(hold);
+            info!(volume_id = %self.cfg.volume_id, hold = id, "IO released");
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes snapshot `name` under the IO hold `hold` (refused when it is not in force). The hold
+    /// cannot lapse while the snapshot is taken: a half-taken snapshot with writes going on would
+    /// differ between members.
+    pub async fn create_snapshot_held(&self, name: &str, hold: &str) -> Result<(), IoError> {
+        let taken = {
+            let mut h = self.hold.lock();
+            match h.take() {
+                Some(x) if x.id == hold => x,
+                other => {
+                    *h = other;
+                    return Err(IoError::Invalid(format!(
+                        "volume {}: IO hold {hold:?} is not in force (released or lapsed)",
+                        self.cfg.volume_id
+                    )));
+                }
+            }
+        };
+        let result = self.snapshot_members(name).await;
+        if tokio::time::Instant::now() < taken.until {
+            *self.hold.lock() = Some(taken);
+        } else {
+            warn!(volume_id = %self.cfg.volume_id, hold, "an IO hold lapsed during a snapshot: IO goes on");
+        }
+        result
+    }
+
+    /// Takes snapshot `name` on every member; the caller holds the IO gate.
+    async fn snapshot_members(&self, name: &str) -> Result<(), IoError> {
         // A replica half way through its rebuild cannot take the snapshot: its rebuild starts
         // over and recreates the snapshot from a member.
         let joining = self.view.read().joining.clone();
@@ -1076,14 +1205,7 @@ impl Volume {
                 };
             }
             let epoch = r.epoch;
-            r.replicas.push(ReplicaRecord {
-                id: id.to_owned(),
-                addr: addr.to_owned(),
-                state: ReplicaState::Ejected { epoch },
-                store_id: None,
-                tracked_since: epoch,
-                missed_regions: Vec::new(),
-            });
+            r.replicas.push(ReplicaRecord::joining(id, addr, epoch));
             Ok(())
         })
         .await?;
@@ -1134,13 +1256,59 @@ impl Volume {
     }
 
     fn enough(&self, healthy: usize) -> Result<(), IoError> {
-        if healthy == 0 || healthy < self.cfg.min_healthy {
+        if healthy < self.min_healthy() {
             return Err(IoError::Io(format!(
                 "volume {}: {healthy} healthy replicas, {} required",
                 self.cfg.volume_id,
-                self.cfg.min_healthy.max(1)
+                self.min_healthy()
             )));
         }
+        Ok(())
+    }
+
+    /// Healthy replicas writes need (at least one).
+    fn min_healthy(&self) -> usize {
+        self.min_healthy.load(Ordering::Relaxed).max(1)
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> VolumeSettings {
+        *self.settings.lock()
+    }
+
+    /// IOs the limits made wait, and how long they waited in all.
+    pub fn throttled(&self) -> (u64, Duration) {
+        self.qos.throttled()
+    }
+
+    /// Commits new settings in the membership record and applies them, without interrupting IO.
+    /// Raising the minimum above the replicas healthy now is refused
+    /// ([`SettingsError::TooFewHealthy`]): writes would fail until a rebuild completes.
+    pub async fn configure(&self, new: VolumeSettings) -> Result<(), SettingsError> {
+        if new.min_healthy == 0 {
+            return Err(SettingsError::Invalid("min_healthy must be at least 1".into()));
+        }
+        let mut too_few = None;
+        self.change_record(|r| {
+            let healthy = r.healthy().count();
+            let current = r.settings.map_or(self.min_healthy(), |s| s.min_healthy as usize);
+            if new.min_healthy as usize > healthy && new.min_healthy as usize > current {
+                too_few = Some(healthy);
+                return Err(IoError::Invalid("too few healthy replicas".into()));
+            }
+            r.settings = Some(new);
+            Ok(())
+        })
+        .await
+        .map_err(|e| match too_few {
+            Some(healthy) => SettingsError::TooFewHealthy { healthy, wanted: new.min_healthy },
+            None => SettingsError::Io(e),
+        })?;
+        *self.settings.lock() = new;
+        self.min_healthy.store(new.min_healthy as usize, Ordering::Relaxed);
+        self.rebuild_rate.store(new.rebuild_mib_per_sec.saturating_mul(1 << 20), Ordering::Relaxed);
+        self.qos.set(limits(&new));
+        info!(volume_id = %self.cfg.volume_id, settings = ?new, "settings changed");
         Ok(())
     }
 }
@@ -1151,6 +1319,7 @@ impl Backend for Volume {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        self.qos.admit(u64::from(len)).await;
         let _io = self.io_gate.read().await;
         loop {
             if self.deposed.is_cancelled() {
@@ -1194,6 +1363,7 @@ impl Backend for Volume {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        self.qos.admit(data.len() as u64).await;
         let _io = self.io_gate.read().await;
         let _w = self.writes.begin(offset, data.len() as u64);
         let _g = self.ranges.lock(offset, offset + data.len() as u64).await;
@@ -1211,6 +1381,7 @@ impl Backend for Volume {
     }
 
     async fn trim(&self, offset: u64, len: u32) -> Result<(), IoError> {
+        self.qos.admit(0).await;
         let _io = self.io_gate.read().await;
         let _w = self.writes.begin(offset, u64::from(len));
         let _g = self.ranges.lock(offset, offset + u64::from(len)).await;
@@ -1218,6 +1389,7 @@ impl Backend for Volume {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        self.qos.admit(0).await;
         let _io = self.io_gate.read().await;
         {
             let _w = self.writes.begin(offset, u64::from(len));

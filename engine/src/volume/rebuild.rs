@@ -20,7 +20,7 @@
 //!
 //! A snapshot taken while the head is being copied restarts the rebuild (the target's head is
 //! half old, so it cannot take the snapshot). The copy rate is limited by
-//! [`VolumeConfig::rebuild_bandwidth`](super::VolumeConfig) and progress is reported through
+//! the volume's `rebuild_mib_per_sec` setting (read as it copies, so a change applies at once) and progress is reported through
 //! [`Volume::rebuild_progress`], the logs and the metrics.
 
 use std::collections::BTreeSet;
@@ -102,14 +102,26 @@ enum Mode<'a> {
 }
 
 /// Paces the copy to `rate` bytes per second.
-struct Pacer {
+struct Pacer<'a> {
+    /// The rate as it is now (bytes per second, 0: unlimited): it may change during a rebuild.
+    source: &'a std::sync::atomic::AtomicU64,
     rate: u64,
     started: Instant,
     bytes: u64,
 }
 
-impl Pacer {
+impl<'a> Pacer<'a> {
+    fn new(source: &'a std::sync::atomic::AtomicU64) -> Pacer<'a> {
+        let rate = source.load(std::sync::atomic::Ordering::Relaxed);
+        Pacer { source, rate, started: Instant::now(), bytes: 0 }
+    }
+
     async fn take(&mut self, n: u64) {
+        let rate = self.source.load(std::sync::atomic::Ordering::Relaxed);
+        if rate != self.rate {
+            // A new rate counts from now.
+            *self = Pacer { source: self.source, rate, started: Instant::now(), bytes: 0 };
+        }
         self.bytes += n;
         if self.rate == 0 {
             return;
@@ -273,7 +285,7 @@ impl Volume {
         if target_size < size {
             target.client.resize(size).await.map_err(on(target))?;
         }
-        let mut pacer = Pacer { rate: self.cfg.rebuild_bandwidth, started: Instant::now(), bytes: 0 };
+        let mut pacer = Pacer::new(&self.rebuild_rate);
         let mut progress = RebuildProgress {
             replica: target.id.clone(),
             full: matches!(mode, Mode::Full),
@@ -414,7 +426,7 @@ impl Volume {
         snapshot: Option<(&str, u64)>,
         set: &BTreeSet<u64>,
         progress: &mut RebuildProgress,
-        pacer: &mut Pacer,
+        pacer: &mut Pacer<'_>,
         token: &CancellationToken,
     ) -> Result<(), RebuildError> {
         let mut logged = Instant::now();
