@@ -82,6 +82,11 @@ fn vkey(id: &str) -> String {
     format!("volume/{id}")
 }
 
+/// The guard keys of an operation that removes snapshot `s`.
+fn snapshot_keys(s: &SnapshotRecord) -> Vec<String> {
+    vec![format!("snapshot/{}", s.id), format!("snapshot-name/{}", s.name), vkey(&s.volume_id)]
+}
+
 /// How long a reconcile pass waits for one volume's processes.
 const RECONCILE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -1109,18 +1114,14 @@ impl Service {
                 g.id, g.name
             )));
         }
+        let _g = self.guards.lock(&snapshot_keys(&s))?;
         self.remove_snapshot(s).await
     }
 
     /// Deletes a snapshot's data and record (the volume with it when it was the last snapshot of a
-    /// deleted volume).
+    /// deleted volume). The caller holds the snapshot's keys ([`snapshot_keys`]).
     async fn remove_snapshot(&self, s: SnapshotRecord) -> Result<()> {
         let id = s.id.as_str();
-        let _g = self.guards.lock(&[
-            format!("snapshot/{id}"),
-            format!("snapshot-name/{}", s.name),
-            vkey(&s.volume_id),
-        ])?;
         if let Some(v) = self.volume(&s.volume_id).await? {
             self.delete_snapshot_data(&v, &s.id).await?;
             if v.state == VolumeState::Deleted {

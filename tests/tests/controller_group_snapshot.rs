@@ -267,3 +267,65 @@ async fn a_group_snapshot_is_one_instant_of_all_its_volumes() {
         g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_cannot_hold_every_member_fails_whole_and_lets_io_go_on() {
+    use barnacle_engine::mgmt::pb;
+    let tmp = tempfile::tempdir().unwrap();
+    let ctl = ControllerProcess::start(tmp.path(), 2);
+    ctl.wait_probe_ready().await;
+    let (_, mut c) = ctl.clients();
+    let mut g =
+        GroupControllerClient::new(csi_proto::unix_channel(&ctl.socket.display().to_string()).unwrap());
+    let a = create(&mut c, "held-a", None).await;
+    let b = create(&mut c, "held-b", None).await;
+    let (ca, _cb) = (attach(&mut c, &a).await, attach(&mut c, &b).await);
+
+    // Someone else holds B's IO (a hold of another id, as a concurrent group would): the group
+    // cannot hold B within its lease and fails whole.
+    let ready: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("nodes/n1/run").join(format!("{b}-engine.ready"))).unwrap(),
+    )
+    .unwrap();
+    let token = std::fs::read_to_string(tmp.path().join("state/tokens").join(&b)).unwrap();
+    let mut m = pb::engine_manager_client::EngineManagerClient::connect(format!(
+        "http://{}",
+        ready["mgmt"].as_str().unwrap()
+    ))
+    .await
+    .unwrap();
+    let mut hold =
+        tonic::Request::new(pb::HoldIoRequest { hold_id: "someone-else".into(), lease_ms: 12_000 });
+    hold.metadata_mut().insert("authorization", format!("Bearer {}", token.trim()).parse().unwrap());
+    m.hold_io(hold).await.unwrap();
+    let req = csi::CreateVolumeGroupSnapshotRequest {
+        name: "both".into(),
+        source_volume_ids: vec![a.clone(), b.clone()],
+        ..Default::default()
+    };
+    let e = g.create_volume_group_snapshot(req.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+
+    // Nothing of the group is left, and A's IO goes on at once (its hold was released).
+    let left = c.list_snapshots(csi::ListSnapshotsRequest::default()).await.unwrap().into_inner();
+    assert!(left.entries.is_empty(), "{left:?}");
+    tokio::time::timeout(Duration::from_secs(5), ca.write(0, record(0, 1), false))
+        .await
+        .expect("A's IO is still held")
+        .unwrap();
+
+    // Once the other hold lapses, the group is taken (retried while another operation on a
+    // member, such as the controller's reconcile pass, makes it Aborted, as a CO retries).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let group = loop {
+        match g.create_volume_group_snapshot(req.clone()).await {
+            Ok(r) => break r.into_inner().group_snapshot.unwrap(),
+            Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e:?}; controller log:\n{}", ctl.log_text()),
+        }
+    };
+    assert_eq!(group.snapshots.len(), 2);
+}

@@ -122,7 +122,7 @@ async fn replicas_go_3_2_3_on_an_attached_volume_under_a_verifying_writer() {
     // fio writes 4 KiB blocks over 48 MiB at a bounded rate (so it is still writing while the
     // replica set changes, however fast this machine is), then verifies every block.
     let out = root.join("fio.json");
-    let fio = barnacle_tests::fio_verified_load_with(&uri, 48, &out, &["--bs=4k", "--rate_iops=1500"]);
+    let fio = barnacle_tests::fio_verified_load_with(&uri, 48, &out, &["--bs=4k", "--rate_iops=,1000"]);
     let mut fio = Some(fio);
     let mut running = || fio.as_mut().unwrap().try_wait().unwrap().is_none();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -238,7 +238,7 @@ async fn io_limits_cap_fio_and_lifting_them_restores_it() {
     assert_eq!(metric(&m, "barnacle_engine_qos_max_iops", &[]), Some(200.0), "{m}");
     let (capped, _) = fio_rate(&uri, "4k", &out);
     assert!(capped <= 200.0 * 1.1, "200 IOPS allowed, fio measured {capped}");
-    assert!(capped >= 50.0, "the cap stopped IO almost entirely: {capped} IOPS");
+    assert!(capped >= 20.0, "the cap stopped IO almost entirely: {capped} IOPS");
     let m = engine_metrics(root, "n1", &v);
     assert!(metric(&m, "barnacle_engine_qos_throttled_ios", &[]).unwrap() > 0.0, "{m}");
 

@@ -212,7 +212,9 @@ async fn an_io_hold_stops_writes_until_released_or_lapsed_and_snapshots_under_it
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     let e = m.hold_io(hold("long", 60_000)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    m.hold_io(hold("g3", 1500)).await.unwrap();
+    // The lease is long beside the look, so a slow reply or start of qemu-io on a busy machine
+    // cannot let the hold lapse while we look.
+    m.hold_io(hold("g3", 4000)).await.unwrap();
     let waiting =
         write_completes(&uri, 3, Duration::from_millis(300)).expect_err("a write went through a hold");
     let out = tokio::task::spawn_blocking(move || waiting.wait_with_output()).await.unwrap().unwrap();

@@ -195,6 +195,7 @@ impl Service {
         .await
     }
 
+    /// Removes the member snapshots; the caller holds their volumes' keys (a create) or theirs.
     async fn remove_group_members(&self, members: &[SnapshotRecord]) -> Result<()> {
         for s in members {
             self.remove_snapshot(s.clone()).await?;
@@ -206,12 +207,14 @@ impl Service {
     /// `snapshot_ids`, when given, must be the group's (InvalidArgument otherwise).
     pub async fn delete_group_snapshot(&self, id: &str, snapshot_ids: &[String]) -> Result<()> {
         self.ready()?;
-        let _g = self.guards.lock(&[format!("group/{id}")])?;
         let members = self.group_members(id).await?;
         if members.is_empty() {
             return Ok(());
         }
         check_members(id, &members, snapshot_ids)?;
+        let mut keys = vec![format!("group/{id}")];
+        keys.extend(members.iter().flat_map(super::snapshot_keys));
+        let _g = self.guards.lock(&keys)?;
         self.remove_group_members(&members).await?;
         info!(group = id, "group snapshot deleted");
         Ok(())
