@@ -789,12 +789,14 @@ impl Service {
         Condition { abnormal, message }
     }
 
+    /// A management client of the volume's engine (the volume is published).
+    async fn engine_client(&self, v: &VolumeRecord) -> Result<rpc::EngineMgmt> {
+        let ep = self.engine_for(v)?;
+        rpc::engine_mgmt(&v.id, &ep.mgmt, &self.orch.token(&v.id).await?).await
+    }
+
     async fn engine_status(&self, v: &VolumeRecord) -> Result<epb::StatusResponse> {
-        let ep = self
-            .orch
-            .engine(&v.id)
-            .ok_or_else(|| ControllerError::orchestrator(&v.id, "its engine is not running"))?;
-        let mut c = rpc::engine_mgmt(&v.id, &ep.mgmt, &self.orch.token(&v.id).await?).await?;
+        let mut c = self.engine_client(v).await?;
         Ok(c.status(rpc::req(epb::StatusRequest {}))
             .await
             .map_err(|s| rpc::call_err(&v.id, "status", &s))?

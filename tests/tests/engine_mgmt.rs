@@ -190,6 +190,17 @@ async fn an_io_hold_stops_writes_until_released_or_lapsed_and_snapshots_under_it
     let uri = engine.uri(VOL);
     let mut m = EngineManagerClient::connect(format!("http://{}", engine.mgmt)).await.unwrap();
     let hold = |id: &str, lease_ms: u32| authed(pb::HoldIoRequest { hold_id: id.into(), lease_ms });
+
+    // Configure: a minimum of 0 is invalid, one above the healthy replicas would fail writes.
+    let settings = |min: u32| {
+        authed(pb::Settings { min_healthy_replicas: min, rebuild_mib_per_sec: 50, ..Default::default() })
+    };
+    let e = m.configure(settings(0)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = m.configure(settings(3)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let st = m.configure(settings(2)).await.unwrap().into_inner();
+    assert_eq!((st.min_healthy_replicas, st.settings.map(|s| s.rebuild_mib_per_sec)), (2, Some(50)));
     assert!(write_completes(&uri, 1, Duration::from_secs(60)).is_ok());
 
     // Held: a write waits (for as long as we look) and completes once the hold is released.

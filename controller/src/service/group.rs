@@ -114,13 +114,10 @@ impl Service {
         volumes: &[VolumeRecord],
         records: &[SnapshotRecord],
     ) -> Result<()> {
+        // One client per published member, for its hold, snapshot and release.
         let mut engines = Vec::new();
         for v in volumes.iter().filter(|v| v.attachment.is_some()) {
-            let ep = self.engine_for(v)?;
-            engines.push((
-                v.id.clone(),
-                rpc::engine_mgmt(&v.id, &ep.mgmt, &self.orch.token(&v.id).await?).await?,
-            ));
+            engines.push((v.id.clone(), self.engine_client(v).await?));
         }
         let hold = epb::HoldIoRequest {
             hold_id: group.id.clone(),
@@ -135,10 +132,10 @@ impl Service {
             Some(e) => Err(e),
             None => {
                 info!(group = %group.id, held = engines.len(), "IO held on every published member");
+                let engines = &engines;
                 let taken = join_all(volumes.iter().zip(records).map(|(v, s)| async move {
-                    if v.attachment.is_some() {
-                        let ep = self.engine_for(v)?;
-                        let mut c = rpc::engine_mgmt(&v.id, &ep.mgmt, &self.orch.token(&v.id).await?).await?;
+                    if let Some((_, c)) = engines.iter().find(|(id, _)| *id == v.id) {
+                        let mut c = c.clone();
                         let req = epb::SnapshotRequest { name: s.id.clone(), hold_id: group.id.clone() };
                         c.create_snapshot(rpc::req(req))
                             .await

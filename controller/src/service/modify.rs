@@ -57,7 +57,9 @@ impl Service {
             v.params.allow_fewer_replicas = wanted.allow_fewer_replicas;
             self.put_volume(&v).await?;
         }
-        self.apply_settings(&v, target).await?;
+        if target != current {
+            self.apply_settings(&v, target).await?;
+        }
         if v.params != wanted {
             v.params = wanted;
             self.put_volume(&v).await?;
@@ -90,8 +92,7 @@ impl Service {
     /// Commits `settings` in the membership record (through the engine when published).
     async fn apply_settings(&self, v: &VolumeRecord, settings: VolumeSettings) -> Result<()> {
         if v.attachment.is_some() {
-            let ep = self.engine_for(v)?;
-            let mut c = rpc::engine_mgmt(&v.id, &ep.mgmt, &self.orch.token(&v.id).await?).await?;
+            let mut c = self.engine_client(v).await?;
             let s = epb::Settings {
                 min_healthy_replicas: settings.min_healthy,
                 rebuild_mib_per_sec: settings.rebuild_mib_per_sec,
@@ -199,8 +200,7 @@ impl Service {
     async fn start_and_commit(&self, v: &VolumeRecord, r: &ReplicaPlacement) -> Result<()> {
         let ep = self.orch.ensure_replica(v, r, Some(v.size)).await?;
         if v.attachment.is_some() {
-            let engine = self.engine_for(v)?;
-            let mut c = rpc::engine_mgmt(&v.id, &engine.mgmt, &self.orch.token(&v.id).await?).await?;
+            let mut c = self.engine_client(v).await?;
             c.add_replica(rpc::req(epb::AddReplicaRequest { id: r.id.clone(), address: ep.data.clone() }))
                 .await
                 .map_err(|s| rpc::call_err(&v.id, &format!("add replica {}", r.id), &s))?;
@@ -306,8 +306,7 @@ impl Service {
     /// Takes a replica out of the membership (ejected, then forgotten).
     async fn remove_member(&self, v: &VolumeRecord, replica: &str) -> Result<()> {
         if v.attachment.is_some() {
-            let ep = self.engine_for(v)?;
-            let mut c = rpc::engine_mgmt(&v.id, &ep.mgmt, &self.orch.token(&v.id).await?).await?;
+            let mut c = self.engine_client(v).await?;
             // A healthy member is ejected by the first call and forgotten by the second.
             for _ in 0..2 {
                 let st = c
