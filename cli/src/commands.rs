@@ -136,7 +136,30 @@ fn volume_json(v: &admin::VolumeInfo) -> serde_json::Value {
         "replicas": v.replicas.iter().map(|r| json!({"id": r.id, "node": r.node, "state": r.state, "ejected_at_epoch": r.ejected_at_epoch})).collect::<Vec<_>>(),
         "rebuild": v.rebuild.as_ref().map(|r| json!({"replica": r.replica, "kind": r.kind, "phase": r.phase, "done_bytes": r.done_bytes, "total_bytes": r.total_bytes})),
         "clone": v.clone.as_ref().map(|c| json!({"done_bytes": c.done_bytes, "total_bytes": c.total_bytes})),
+        "scrub": v.scrub.as_ref().map(|s| json!({"running": s.running, "done_bytes": s.done_bytes, "total_bytes": s.total_bytes, "damaged": s.damaged, "repaired_bytes": s.repaired_bytes, "unrepaired": s.unrepaired, "started_unix": s.started_unix, "finished_unix": s.finished_unix, "error": s.error})),
+        "damage": {"ranges_found": v.damaged_ranges, "repaired_bytes": v.repaired_bytes, "ranges_unrepaired": v.unrepaired_ranges},
     })
+}
+
+/// One line saying where a scrub is or how it ended.
+fn scrub_line(name: &str, s: &admin::ScrubInfo) -> String {
+    let found = format!(
+        "{} damaged range(s) found, {} repaired, {} left damaged",
+        s.damaged,
+        fmt_size(s.repaired_bytes),
+        s.unrepaired
+    );
+    if s.running {
+        format!(
+            "scrubbing {name}: {} of {} verified; {found}",
+            fmt_size(s.done_bytes),
+            fmt_size(s.total_bytes)
+        )
+    } else if !s.error.is_empty() {
+        format!("scrub of {name} stopped after {}: {}; {found}", fmt_size(s.done_bytes), s.error)
+    } else {
+        format!("scrub of {name} finished: {} verified; {found}", fmt_size(s.done_bytes))
+    }
 }
 
 fn volume_row(v: &admin::VolumeInfo) -> Vec<String> {
@@ -383,6 +406,26 @@ pub async fn volume(ctx: &Ctx, cmd: VolumeCmd) -> Result<Out, CliError> {
                 v = volume_info(&mut a, &name).await?;
             }
             Ok(one_volume(&v))
+        }
+        VolumeCmd::Scrub { name, wait } => {
+            let mut v = a
+                .scrub_volume(admin::ScrubVolumeRequest { volume: name.clone() })
+                .await
+                .map_err(|e| CliError::rpc(format!("scrubbing volume {name}"), &e))?
+                .into_inner();
+            while wait && v.scrub.as_ref().is_none_or(|s| s.running) {
+                if let Some(s) = &v.scrub {
+                    #[allow(clippy::print_stderr)]
+                    {
+                        eprintln!("{}", scrub_line(&name, s));
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                v = volume_info(&mut a, &name).await?;
+            }
+            let mut out = one_volume(&v);
+            out.text = v.scrub.as_ref().map(|s| scrub_line(&name, s)).into_iter().collect();
+            Ok(out)
         }
         VolumeCmd::Delete { name } => {
             let v = volume_info(&mut a, &name).await?;

@@ -175,6 +175,15 @@ pub enum VolumeCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Verify every block of an attached volume against its checksums, on every replica, head
+    /// and snapshots; damaged blocks of the head are rewritten from a sound replica. Runs in the
+    /// background in the volume's engine; progress shows in `volume get`.
+    Scrub {
+        name: String,
+        /// Follow the scrub until it finished.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Delete a volume (detach it first).
     Delete { name: String },
 }

@@ -69,6 +69,20 @@ impl Admin {
                 total_bytes: r.total_bytes,
             }),
             created_unix: v.created_unix,
+            scrub: d.scrub.map(|s| pb::ScrubInfo {
+                running: s.running,
+                done_bytes: s.done_bytes,
+                total_bytes: s.total_bytes,
+                damaged: s.damaged,
+                repaired_bytes: s.repaired_bytes,
+                unrepaired: s.unrepaired,
+                started_unix: s.started_unix,
+                finished_unix: s.finished_unix,
+                error: s.error,
+            }),
+            damaged_ranges: d.damage.0,
+            repaired_bytes: d.damage.1,
+            unrepaired_ranges: d.damage.2,
             clone: self
                 .service
                 .clone_progress(&v.id)
@@ -116,6 +130,14 @@ impl pb::admin_server::Admin for Admin {
         let r = req.into_inner();
         let pid = self.service.kill_replica(&r.volume, &r.replica).await.map_err(status)?;
         Ok(Response::new(pb::KillReplicaResponse { pid }))
+    }
+
+    async fn scrub_volume(
+        &self,
+        req: Request<pb::ScrubVolumeRequest>,
+    ) -> Result<Response<pb::VolumeInfo>, Status> {
+        let v = self.service.scrub(&req.into_inner().volume).await.map_err(status)?;
+        Ok(Response::new(self.info(&v).await))
     }
 
     async fn list_snapshots(

@@ -161,6 +161,9 @@ pub struct Details {
     pub epoch: u64,
     pub condition: Condition,
     pub rebuild: Option<RebuildDetails>,
+    /// The engine's scrub (running or last) and damage counters, as it reports them.
+    pub scrub: Option<epb::Scrub>,
+    pub damage: (u64, u64, u64),
 }
 
 /// A rebuild in progress.
@@ -1254,6 +1257,22 @@ impl Service {
         Ok(self.db(|s| s.volumes()).await?.into_iter().filter(|v| v.state != VolumeState::Deleted).collect())
     }
 
+    /// Starts a scrub in the engine of a published volume (see the admin API).
+    pub async fn scrub(&self, key: &str) -> Result<VolumeRecord> {
+        self.ready()?;
+        let v = self.find_volume(key).await?;
+        if v.attachment.is_none() {
+            return Err(ControllerError::FailedPrecondition(format!(
+                "volume {} is not published: a scrub runs in its engine, which runs while it is attached",
+                v.name
+            )));
+        }
+        let mut c = self.engine_client(&v).await?;
+        c.scrub(rpc::req(epb::ScrubRequest {})).await.map_err(|s| rpc::call_err(&v.id, "scrub", &s))?;
+        tracing::info!(volume_id = %v.id, "scrub started");
+        Ok(v)
+    }
+
     /// A live volume by id or name.
     pub async fn find_volume(&self, key: &str) -> Result<VolumeRecord> {
         if let Some(v) = self.volume(key).await?.filter(|v| v.state != VolumeState::Deleted) {
@@ -1282,6 +1301,8 @@ impl Service {
                 done_bytes: r.done_bytes,
                 total_bytes: r.total_bytes,
             });
+            d.scrub = st.scrub;
+            d.damage = (st.damaged_ranges, st.repaired_bytes, st.unrepaired_ranges);
             return d;
         }
         if let Ok(Some(m)) = self.membership(&v.id).await {

@@ -55,6 +55,9 @@ pub struct Metrics {
     max_bytes: Gauge,
     throttled: Gauge,
     throttled_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Ranges found damaged, bytes repaired, ranges left damaged; the scrub's progress.
+    damage: [Gauge; 3],
+    scrub: [Gauge; 2],
 }
 
 impl Default for Metrics {
@@ -119,7 +122,28 @@ impl Metrics {
             "Time IOs waited for the QoS limits in all, since start",
             throttled_seconds.clone(),
         );
+        let damage = [Gauge::default(), Gauge::default(), Gauge::default()];
+        registry.register(
+            "damaged_ranges",
+            "Ranges replicas reported damaged (a block not matching its checksum), since start",
+            damage[0].clone(),
+        );
+        registry.register(
+            "repaired_bytes",
+            "Bytes rewritten on damaged replicas from a sound copy",
+            damage[1].clone(),
+        );
+        registry.register(
+            "unrepaired_ranges",
+            "Damaged ranges left as they were (snapshot blocks, or no sound copy), since start",
+            damage[2].clone(),
+        );
+        let scrub = [Gauge::default(), Gauge::default()];
+        registry.register("scrub_done_bytes", "Bytes the running or last scrub verified", scrub[0].clone());
+        registry.register("scrub_total_bytes", "Bytes the running or last scrub verifies", scrub[1].clone());
         Metrics {
+            damage,
+            scrub,
             registry,
             ops,
             bytes,
@@ -178,6 +202,13 @@ impl Metrics {
         let (throttled, waited) = volume.throttled();
         self.throttled.set(big(throttled));
         self.throttled_seconds.set(waited.as_secs_f64());
+        let d = volume.damage_totals();
+        for (g, v) in self.damage.iter().zip([d.found, d.repaired_bytes, d.unrepaired]) {
+            g.set(big(v));
+        }
+        let (done, total) = volume.scrub_progress().map_or((0, 0), |p| (p.done_bytes, p.total_bytes));
+        self.scrub[0].set(big(done));
+        self.scrub[1].set(big(total));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             warn!(error = %e, "encoding metrics failed");

@@ -59,6 +59,7 @@ impl Manager {
         let silence: std::collections::HashMap<_, _> = self.volume.member_silence().into_iter().collect();
         let settings = self.volume.settings();
         let (throttled_ios, waited) = self.volume.throttled();
+        let damage = self.volume.damage_totals();
         pb::StatusResponse {
             volume_id: self.volume.volume_id().to_owned(),
             size_bytes: self.volume.size(),
@@ -98,7 +99,25 @@ impl Manager {
             last_rebuild: self.volume.last_rebuild().map(rebuild_pb),
             rebuilds_completed,
             rebuilt_bytes,
+            scrub: self.volume.scrub_progress().map(scrub_pb),
+            damaged_ranges: damage.found,
+            repaired_bytes: damage.repaired_bytes,
+            unrepaired_ranges: damage.unrepaired,
         }
+    }
+}
+
+fn scrub_pb(p: crate::volume::ScrubProgress) -> pb::Scrub {
+    pb::Scrub {
+        running: p.running,
+        done_bytes: p.done_bytes,
+        total_bytes: p.total_bytes,
+        damaged: p.damaged,
+        repaired_bytes: p.repaired_bytes,
+        unrepaired: p.unrepaired,
+        started_unix: p.started_unix,
+        finished_unix: p.finished_unix,
+        error: p.error.unwrap_or_default(),
     }
 }
 
@@ -228,6 +247,11 @@ impl EngineManager for Manager {
     ) -> Result<Response<pb::HoldIoResponse>, Status> {
         let released = self.volume.release_io(&req.into_inner().hold_id);
         Ok(Response::new(pb::HoldIoResponse { released }))
+    }
+
+    async fn scrub(&self, _: Request<pb::ScrubRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        self.volume.start_scrub();
+        Ok(Response::new(Manager::status(self)))
     }
 
     async fn shutdown(

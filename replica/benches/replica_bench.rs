@@ -1,6 +1,7 @@
 //! Replica data path benchmark: 4 KiB random write and read IOPS and 1 MiB sequential write and
 //! read bandwidth through the replica protocol over loopback, next to the same workload done with
-//! pwrite/pread on a raw file, in the same run; prints both and their ratio.
+//! pwrite/pread on a raw file, and through a replica keeping no block checksums, in the same run;
+//! prints all three, the replica's ratio to the raw file and to the replica without checksums.
 //!
 //! `cargo bench -p barnacle-replica --bench replica_bench` (env: BENCH_SECONDS per workload,
 //! default 5; BENCH_DIR for the scratch directory, default the system temp dir; BENCH_QD, default 32).
@@ -114,6 +115,51 @@ async fn run<T: Target>(t: Arc<T>, kind: Kind, qd: usize, secs: f64) -> f64 {
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Starts a replica serving a new store in `dir` over loopback, fills it with `chunk` and returns
+/// a fenced client.
+async fn start_replica(
+    dir: &std::path::Path,
+    checksums: bool,
+    chunk: &[u8],
+    shutdown: &CancellationToken,
+) -> Arc<Remote> {
+    let cfg = ServerConfig {
+        volume_id: "bench".into(),
+        token: "t".into(),
+        idle_timeout: Duration::from_secs(60),
+        max_in_flight: 256,
+        data_device: None,
+        checksums,
+        fault_injection: false,
+    };
+    let replica = Replica::new(cfg, dir).unwrap();
+    replica.create_store(SIZE, 64 * 1024).await.unwrap();
+    let data = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mgmt = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = data.local_addr().unwrap();
+    tokio::spawn(barnacle_replica::run(data, None, mgmt, replica, shutdown.clone()));
+    let engine = Uuid::new_v4();
+    let client = ReplicaClient::connect(
+        addr,
+        ClientConfig {
+            volume_id: "bench".into(),
+            token: "t".into(),
+            engine_id: engine,
+            epoch: 1,
+            request_timeout: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(1),
+        },
+    )
+    .await
+    .unwrap();
+    client.fence(1, engine).await.unwrap();
+    for i in 0..SIZE >> 20 {
+        client.write(i << 20, Bytes::from(chunk.to_vec()), false).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    Arc::new(Remote(Arc::new(client)))
+}
+
 #[tokio::main]
 async fn main() {
     let secs: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5.0);
@@ -137,57 +183,36 @@ async fn main() {
     raw.sync_all().unwrap();
     let raw = Arc::new(RawFile(Arc::new(raw)));
 
-    // Replica over loopback, equally prefilled.
-    let cfg = ServerConfig {
-        volume_id: "bench".into(),
-        token: "t".into(),
-        idle_timeout: Duration::from_secs(60),
-        max_in_flight: 256,
-        data_device: None,
-    };
-    let replica = Replica::new(cfg, &dir.path().join("replica")).unwrap();
-    replica.create_store(SIZE, 64 * 1024).await.unwrap();
-    let data = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mgmt = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = data.local_addr().unwrap();
+    // Replicas over loopback, equally prefilled: one keeping block checksums (the default), one
+    // without, to show what verifying them costs.
     let shutdown = CancellationToken::new();
-    tokio::spawn(barnacle_replica::run(data, None, mgmt, replica, shutdown.clone()));
-    let engine = Uuid::new_v4();
-    let client = ReplicaClient::connect(
-        addr,
-        ClientConfig {
-            volume_id: "bench".into(),
-            token: "t".into(),
-            engine_id: engine,
-            epoch: 1,
-            request_timeout: Duration::from_secs(60),
-            heartbeat: Duration::from_secs(1),
-        },
-    )
-    .await
-    .unwrap();
-    client.fence(1, engine).await.unwrap();
-    for i in 0..SIZE >> 20 {
-        client.write(i << 20, Bytes::from(chunk.clone()), false).await.unwrap();
-    }
-    client.flush().await.unwrap();
-    let remote = Arc::new(Remote(Arc::new(client)));
+    let remote = start_replica(&dir.path().join("replica"), true, &chunk, &shutdown).await;
+    let plain = start_replica(&dir.path().join("replica-nosums"), false, &chunk, &shutdown).await;
 
     println!(
         "replica benchmark: {qd} in flight, {secs} s per workload, {} MiB region, dir {}",
         SIZE >> 20,
         dir.path().display()
     );
-    println!("{:<16} {:>14} {:>14} {:>8}", "workload", "raw file", "replica", "ratio");
+    println!(
+        "{:<16} {:>14} {:>14} {:>14} {:>8} {:>10}",
+        "workload", "raw file", "replica", "no checksums", "ratio", "sums cost"
+    );
     for kind in [Kind::RandWrite4k, Kind::RandRead4k, Kind::SeqWrite1m, Kind::SeqRead1m] {
         let a = run(raw.clone(), kind, qd, secs).await;
         let b = run(remote.clone(), kind, qd, secs).await;
-        let (fa, fb, unit) = if kind.is_random() {
-            (a, b, "IOPS")
-        } else {
-            (a * kind.block() as f64 / 1048576.0, b * kind.block() as f64 / 1048576.0, "MiB/s")
-        };
-        println!("{:<16} {:>9.0} {unit:<4} {:>9.0} {unit:<4} {:>8.2}", format!("{kind:?}"), fa, fb, b / a);
+        let c = run(plain.clone(), kind, qd, secs).await;
+        let unit = if kind.is_random() { "IOPS" } else { "MiB/s" };
+        let scale = |v: f64| if kind.is_random() { v } else { v * kind.block() as f64 / 1048576.0 };
+        println!(
+            "{:<16} {:>9.0} {unit:<4} {:>9.0} {unit:<4} {:>9.0} {unit:<4} {:>8.2} {:>10.2}",
+            format!("{kind:?}"),
+            scale(a),
+            scale(b),
+            scale(c),
+            b / a,
+            b / c
+        );
     }
     shutdown.cancel();
 }

@@ -41,6 +41,8 @@ pub enum StoreError {
     StaleEpoch { epoch: u64, current: u64 },
     #[error("epoch {epoch} is already held by engine {holder}")]
     EpochConflict { epoch: u64, holder: uuid::Uuid },
+    #[error("the block at {offset} does not match its checksum: this copy is damaged")]
+    Checksum { offset: u64 },
     #[error("store failed earlier and refuses IO until reopened: {0}")]
     Failed(String),
 }

@@ -52,6 +52,14 @@ struct Args {
     /// Async worker threads (disk IO runs on a separate blocking pool).
     #[arg(long, default_value_t = barnacle_daemon::process::DEFAULT_WORKER_THREADS)]
     worker_threads: usize,
+    /// Create the store without block checksums (they are verified on every read; this exists to
+    /// measure what they cost).
+    #[arg(long)]
+    no_checksums: bool,
+    /// Let the management API inject disk faults (EIO, ENOSPC) into this replica's data IO. For
+    /// fault tests only; refused otherwise.
+    #[arg(long, env = "BARNACLE_FAULT_INJECTION")]
+    fault_injection: bool,
     /// Write the bound addresses here as JSON once serving.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -73,6 +81,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         idle_timeout: Duration::from_millis(args.idle_timeout_ms),
         max_in_flight: args.max_in_flight,
         data_device: args.data_device.clone(),
+        checksums: !args.no_checksums,
+        fault_injection: args.fault_injection,
     };
     let replica = Replica::new(cfg, &args.dir).context("opening the replica store")?;
     if let Some(size) = args.size

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::error::StoreError;
 use crate::server::{Replica, blocking, token_matches};
-use crate::store::{CopyMode, DEFAULT_CLUSTER_SIZE, Store};
+use crate::store::{CopyMode, DEFAULT_CLUSTER_SIZE, FaultOp, FaultSpec, Store};
 
 /// Generated code of `proto/replica.proto`.
 #[allow(clippy::all, missing_debug_implementations, rust_2018_idioms)]
@@ -37,7 +37,9 @@ pub fn grpc_status(e: &StoreError) -> Status {
             Status::resource_exhausted(msg)
         }
         StoreError::StaleEpoch { .. } | StoreError::EpochConflict { .. } => Status::failed_precondition(msg),
-        StoreError::Corrupt { .. } | StoreError::Failed(_) => Status::data_loss(msg),
+        StoreError::Corrupt { .. } | StoreError::Failed(_) | StoreError::Checksum { .. } => {
+            Status::data_loss(msg)
+        }
         StoreError::Io { .. } | StoreError::Db(_) => Status::internal(msg),
     }
 }
@@ -77,6 +79,8 @@ async fn stat_response(store: Arc<Store>) -> Result<pb::StatResponse, Status> {
         engine_id: s.engine_id.map(|e| e.to_string()).unwrap_or_default(),
         healthy: s.failure.is_none(),
         failure: s.failure.unwrap_or_default(),
+        checksums: s.checksums,
+        checksum_errors: s.checksum_errors,
     })
 }
 
@@ -231,4 +235,40 @@ impl ReplicaManager for Manager {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn inject_faults(
+        &self,
+        req: Request<pb::InjectFaultsRequest>,
+    ) -> Result<Response<pb::InjectFaultsResponse>, Status> {
+        if !self.replica.config().fault_injection {
+            return Err(Status::failed_precondition(
+                "fault injection is off: start the replica with --fault-injection",
+            ));
+        }
+        let faults = req.into_inner().faults.iter().map(fault_spec).collect::<Result<Vec<_>, _>>()?;
+        self.store()?.inject_faults(faults);
+        Ok(Response::new(pb::InjectFaultsResponse {}))
+    }
+}
+
+fn fault_spec(f: &pb::Fault) -> Result<FaultSpec, Status> {
+    let op = match f.op.as_str() {
+        "read" => FaultOp::Read,
+        "write" => FaultOp::Write,
+        "sync" => FaultOp::Sync,
+        other => return Err(Status::invalid_argument(format!("fault op {other:?}: read, write or sync"))),
+    };
+    let errno = match f.error.as_str() {
+        "eio" | "" => libc::EIO,
+        "enospc" => libc::ENOSPC,
+        other => return Err(Status::invalid_argument(format!("fault error {other:?}: eio or enospc"))),
+    };
+    Ok(FaultSpec {
+        op,
+        errno,
+        offset: f.offset,
+        len: f.length,
+        count: f.count,
+        duration: (f.duration_ms > 0).then(|| std::time::Duration::from_millis(f.duration_ms)),
+    })
 }

@@ -60,6 +60,10 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// Raw partition for the data of a store this replica creates (else a file in its directory).
     pub data_device: Option<std::path::PathBuf>,
+    /// A store this replica creates keeps block checksums (off only to measure their cost).
+    pub checksums: bool,
+    /// The management API may inject disk faults (tests only).
+    pub fault_injection: bool,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -97,6 +101,7 @@ pub fn status_of(e: &StoreError) -> Status {
         StoreError::SnapshotNotFound(_) => Status::NotFound,
         StoreError::TooManySnapshots(_) => Status::NoSpace,
         StoreError::SnapshotBusy(_) => Status::Busy,
+        StoreError::Checksum { .. } => Status::Corrupt,
         StoreError::StaleEpoch { .. } => Status::StaleEpoch,
         StoreError::EpochConflict { .. } => Status::EpochConflict,
     }
@@ -213,6 +218,7 @@ impl Replica {
             size,
             cluster_size,
             data_device: self.cfg.data_device.clone(),
+            checksums: self.cfg.checksums,
         };
         let s = Arc::new(blocking(move || Store::create(&dir, &opts)).await?);
         *self.store.write() = Some(s.clone());
@@ -702,6 +708,8 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
                     dirty_regions: s.dirty_regions,
                     healthy: s.failure.is_none(),
                     failure: s.failure,
+                    checksums: s.checksums,
+                    checksum_errors: s.checksum_errors,
                 })
             });
             Some(store_reply(id, r))

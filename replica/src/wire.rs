@@ -76,6 +76,9 @@ pub enum Status {
     Unsupported = 12,
     NoSpace = 13,
     Busy = 14,
+    /// Data read does not match its checksum: this replica's copy is damaged (the message names
+    /// the block). Read it from another replica and repair this one.
+    Corrupt = 15,
 }
 
 impl Status {
@@ -97,6 +100,7 @@ impl Status {
             12 => Unsupported,
             13 => NoSpace,
             14 => Busy,
+            15 => Corrupt,
             _ => return None,
         })
     }
@@ -154,6 +158,10 @@ pub struct StatReply {
     pub dirty_regions: u64,
     pub healthy: bool,
     pub failure: Option<String>,
+    #[serde(default)]
+    pub checksums: bool,
+    #[serde(default)]
+    pub checksum_errors: u64,
 }
 
 /// One snapshot as listed by `SNAPSHOT_LIST`.

@@ -49,6 +49,8 @@ async fn server_with(idle: Duration, size: u64) -> Server {
         idle_timeout: idle,
         max_in_flight: 64,
         data_device: None,
+        checksums: true,
+        fault_injection: false,
     };
     let replica = Replica::new(cfg, &dir.path().join("r")).unwrap();
     replica.create_store(size, 64 * 1024).await.unwrap();

@@ -12,11 +12,7 @@ const MIB: u64 = 1 << 20;
 const CS: u64 = 64 * 1024;
 
 fn new_store(dir: &std::path::Path, size: u64) -> Store {
-    Store::create(
-        &dir.join("r"),
-        &CreateOptions { volume_id: "vol".into(), size, cluster_size: CS, data_device: None },
-    )
-    .unwrap()
+    Store::create(&dir.join("r"), &CreateOptions::new("vol", size, CS)).unwrap()
 }
 
 fn fill(tag: u8, len: u64) -> Vec<u8> {
@@ -161,11 +157,7 @@ fn reused_clusters_read_zeros_where_unwritten() {
 fn geometry_and_names_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let bad = |size, cluster_size| {
-        Store::create(
-            &dir.path().join("x"),
-            &CreateOptions { volume_id: "v".into(), size, cluster_size, data_device: None },
-        )
-        .unwrap_err()
+        Store::create(&dir.path().join("x"), &CreateOptions::new("v", size, cluster_size)).unwrap_err()
     };
     assert!(matches!(bad(0, CS), StoreError::InvalidArgument(_)));
     assert!(matches!(bad(MIB + 1, CS), StoreError::InvalidArgument(_)));
@@ -173,10 +165,7 @@ fn geometry_and_names_are_checked() {
     assert!(matches!(bad(MIB, 8 << 20), StoreError::InvalidArgument(_)));
     let s = new_store(dir.path(), MIB);
     assert!(matches!(
-        Store::create(
-            &dir.path().join("r"),
-            &CreateOptions { volume_id: "v".into(), size: MIB, cluster_size: CS, data_device: None }
-        ),
+        Store::create(&dir.path().join("r"), &CreateOptions::new("v", MIB, CS)),
         Err(StoreError::AlreadyExists(_))
     ));
     assert!(matches!(Store::open(&dir.path().join("nothing")), Err(StoreError::NotFound(_))));

@@ -199,8 +199,7 @@ fn run(ops: &[Op]) {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("replica");
     let size = INITIAL_BLOCKS * BLOCK_SIZE;
-    let opts =
-        CreateOptions { volume_id: "model-vol".into(), size, cluster_size: CLUSTER, data_device: None };
+    let opts = CreateOptions::new("model-vol", size, CLUSTER);
     let store = Store::create(&dir, &opts).unwrap();
     let mut h = Harness {
         dir,

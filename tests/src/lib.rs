@@ -35,6 +35,8 @@ pub struct ReplicaProcess {
     volume_id: String,
     token_file: PathBuf,
     log: PathBuf,
+    /// Further arguments it was started with (kept for a restart).
+    extra: Vec<String>,
 }
 
 impl ReplicaProcess {
@@ -60,14 +62,46 @@ impl ReplicaProcess {
         log: &Path,
         listen: SocketAddr,
     ) -> ReplicaProcess {
-        Self::spawn(Some(netns), dir, volume_id, token_file, size, log, Some(listen))
+        Self::spawn(Some(netns), dir, volume_id, token_file, size, log, Some(listen), &[])
+    }
+
+    /// Like [`ReplicaProcess::start`], with further arguments (kept for a restart).
+    pub fn start_with(
+        dir: &Path,
+        volume_id: &str,
+        token_file: &Path,
+        size: Option<&str>,
+        log: &Path,
+        extra: &[&str],
+    ) -> ReplicaProcess {
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        Self::spawn(None, dir, volume_id, token_file, size, log, None, &extra)
+    }
+
+    /// Arms disk faults in its store through the management API (it must have been started
+    /// with `--fault-injection`); an empty list disarms.
+    pub async fn inject_faults(&self, token: &str, faults: Vec<barnacle_replica::mgmt::pb::Fault>) {
+        use barnacle_replica::mgmt::pb::{InjectFaultsRequest, replica_manager_client::ReplicaManagerClient};
+        let mut c = ReplicaManagerClient::connect(format!("http://{}", self.mgmt)).await.unwrap();
+        let mut req = tonic::Request::new(InjectFaultsRequest { faults });
+        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        c.inject_faults(req).await.unwrap();
     }
 
     /// Starts it again (after [`ReplicaProcess::kill`]) on the same store and data address.
     pub fn restart(&mut self) {
         self.kill();
-        *self =
-            Self::start_at(&self.dir, &self.volume_id, &self.token_file, None, &self.log, Some(self.data));
+        let extra = self.extra.clone();
+        *self = Self::spawn(
+            None,
+            &self.dir,
+            &self.volume_id,
+            &self.token_file,
+            None,
+            &self.log,
+            Some(self.data),
+            &extra,
+        );
     }
 
     /// Like [`ReplicaProcess::start`], on data address `listen` if given.
@@ -79,9 +113,10 @@ impl ReplicaProcess {
         log: &Path,
         listen: Option<SocketAddr>,
     ) -> ReplicaProcess {
-        Self::spawn(None, dir, volume_id, token_file, size, log, listen)
+        Self::spawn(None, dir, volume_id, token_file, size, log, listen, &[])
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         netns: Option<&str>,
         dir: &Path,
@@ -90,6 +125,7 @@ impl ReplicaProcess {
         size: Option<&str>,
         log: &Path,
         listen: Option<SocketAddr>,
+        extra: &[String],
     ) -> ReplicaProcess {
         let ready = dir.with_extension("ready");
         let _ = std::fs::remove_file(&ready);
@@ -103,7 +139,7 @@ impl ReplicaProcess {
             cmd.arg("--listen").arg(a.to_string());
         }
         let sock = dir.with_extension("sock");
-        cmd.arg("--listen-unix").arg(&sock);
+        cmd.arg("--listen-unix").arg(&sock).args(extra);
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(logf);
         let mut child = cmd.spawn().unwrap();
@@ -122,6 +158,7 @@ impl ReplicaProcess {
                     volume_id: volume_id.to_owned(),
                     token_file: token_file.to_owned(),
                     log: log.to_owned(),
+                    extra: extra.to_vec(),
                 };
             }
             if let Some(status) = child.try_wait().unwrap() {

@@ -205,6 +205,14 @@ fn the_readme_walkthrough_runs_line_by_line() {
                     assert!(replicas.iter().all(|r| r["state"] == "healthy"), "--wait returned early: {v}");
                 }
             }
+            ["volume", "scrub", name, "--wait"] => {
+                let v = json(&data, &args);
+                let s = &v["scrub"];
+                assert_eq!((v["name"].as_str(), s["running"].as_bool()), (Some(name), Some(false)), "{v}");
+                assert!(s["total_bytes"].as_u64().unwrap() > 0, "{v}");
+                assert_eq!(s["done_bytes"], s["total_bytes"], "{v}");
+                assert_eq!((s["damaged"].as_u64(), s["error"].as_str()), (Some(0), Some("")), "{v}");
+            }
             ["replica", "kill", volume, replica] => {
                 let k = json(&data, &args);
                 assert_eq!((k["volume"].as_str(), k["replica"].as_str()), (Some(volume), Some(replica)));

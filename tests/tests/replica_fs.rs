@@ -23,6 +23,7 @@ fn clone_on(fstype: &str) -> (CopyMode, u64, u64) {
         size: 256 * MIB,
         cluster_size: 64 * 1024,
         data_device: None,
+        checksums: true,
     };
     let src = Store::create(&fs.mountpoint.join("src"), &opts).unwrap();
     src.write(0, &fill(1, 64 * MIB), false).unwrap();
@@ -73,6 +74,7 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing() {
         size: 256 * MIB,
         cluster_size: 64 * 1024,
         data_device: None,
+        checksums: true,
     };
     let s = Store::create(&fs.mountpoint.join("r"), &opts).unwrap();
     let mut written = 0u64;
@@ -116,6 +118,7 @@ fn a_raw_partition_holds_the_data_and_never_shows_old_bytes() {
         size: 64 * MIB, // thin: larger than the partition
         cluster_size: 64 * 1024,
         data_device: Some(dev.path.clone()),
+        checksums: true,
     };
     let s = Store::create(&dir, &opts).unwrap();
     assert!(!dir.join("data").exists(), "data must live on the partition");
@@ -197,6 +200,7 @@ fn a_store_refuses_a_device_that_holds_another_store() {
         size: 8 * MIB,
         cluster_size: 64 * 1024,
         data_device: Some(dev.path.clone()),
+        checksums: true,
     };
     drop(Store::create(&a.scratch().join("sa"), &opts(&a, "va")).unwrap());
     drop(Store::create(&b.scratch().join("sb"), &opts(&b, "vb")).unwrap());
@@ -223,6 +227,7 @@ fn a_failed_clone_leaves_nothing_behind_and_can_be_retried() {
         size: 128 * MIB,
         cluster_size: 64 * 1024,
         data_device: None,
+        checksums: true,
     };
     let src = Store::create(&big.mountpoint.join("src"), &opts).unwrap();
     src.write(0, &fill(5, 64 * MIB), false).unwrap();

@@ -13,8 +13,10 @@
 //! An ejected or added replica rejoins only through a rebuild ([`rebuild`], rule 7).
 
 mod rebuild;
+mod repair;
 
 pub use self::rebuild::RebuildProgress;
+pub use self::repair::{DamageTotals, ScrubProgress};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -202,6 +204,7 @@ pub struct Volume {
     /// commit it (a write that failed with an uncommitted ejection still landed on the others).
     lacking: Mutex<std::collections::BTreeSet<u64>>,
     rebuild: rebuild::RebuildState,
+    damage: repair::Damage,
     /// The settings in force (those of the record, else the configuration's).
     settings: Mutex<VolumeSettings>,
     /// `settings.min_healthy`, read on the IO path.
@@ -395,6 +398,7 @@ impl Volume {
             writes: Arc::new(WriteTracker::default()),
             lacking: Mutex::new(std::collections::BTreeSet::new()),
             rebuild: rebuild::RebuildState::default(),
+            damage: repair::Damage::default(),
             settings: Mutex::new(settings),
             min_healthy: AtomicUsize::new(settings.min_healthy as usize),
             rebuild_rate: std::sync::atomic::AtomicU64::new(
@@ -805,7 +809,9 @@ impl Volume {
                 Ok(v) => answers.push((m.clone(), v)),
                 Err(e) if is_deposing(&e) => return Err(self.depose(&e.to_string())),
                 Err(e) => {
-                    if let Some(s @ (Status::NoSpace | Status::Invalid | Status::OutOfRange)) = e.status() {
+                    if let Some(s @ (Status::NoSpace | Status::Invalid | Status::OutOfRange | Status::Io)) =
+                        e.status()
+                    {
                         refusals.push((s, e.to_string()));
                     }
                     warn!(volume_id = %self.cfg.volume_id, replica = %m.id, error = %e, "replica failed a request");
@@ -813,20 +819,25 @@ impl Volume {
                 }
             }
         }
-        // Refused by every member alike (a full disk, a bad request): the client's error, and no
-        // member diverged. Refused by some only: those members differ now, so they are ejected
-        // like any other failure.
+        // Refused by every member alike (a full disk, a bad request, a disk error on each, as on
+        // the last replica in sync): the client's error, and no member is worse off than the
+        // others, so none is ejected (ejecting all would leave nothing to serve from). Refused by
+        // some only: those members differ now, so they are ejected like any other failure.
         if answers.is_empty()
             && refusals.len() == failed.len()
             && let Some((status, msg)) = refusals.first()
         {
             // Refused alike, but a multi-cluster request may have applied in part, differently
-            // per member: keep the intent marks for the next start to resync.
+            // per member: keep the intent marks for the next start to resync, and restart a
+            // rebuild that may have taken the request.
             self.writes.hold_clears.store(true, Ordering::SeqCst);
-            return Err(if *status == Status::NoSpace {
-                IoError::NoSpace
-            } else {
-                IoError::Invalid(msg.clone())
+            if let Some(j) = &view.joining {
+                self.abort_join(&j.id, "the members failed a request it may have applied");
+            }
+            return Err(match status {
+                Status::NoSpace => IoError::NoSpace,
+                Status::Io => IoError::Io(msg.clone()),
+                _ => IoError::Invalid(msg.clone()),
             });
         }
         if !failed.is_empty() {
@@ -1348,6 +1359,32 @@ impl Backend for Volume {
                 Err(e) if is_deposing(&e) => return Err(self.depose(&e.to_string())),
                 Err(e) if matches!(e.status(), Some(Status::Invalid | Status::OutOfRange)) => {
                     return Err(IoError::Invalid(e.to_string()));
+                }
+                // A damaged copy: served from another member, and repaired.
+                Err(e) if e.status() == Some(Status::Corrupt) => {
+                    let data = self.read_damaged(&m, offset, len).await?;
+                    self.serving().await?;
+                    return Ok(data);
+                }
+                // The member answered that its disk failed the read, and there are too few
+                // members to eject it (the ejection would be refused and hold every IO until
+                // then): it stays, the others are tried, and the read fails only if they fail too.
+                Err(e) if e.status() == Some(Status::Io) && members.len() <= self.min_healthy() => {
+                    warn!(volume_id = %self.cfg.volume_id, replica = %m.id, error = %e,
+                          "read failed on a replica that cannot be spared; trying the others");
+                    for o in members.iter().filter(|o| !Arc::ptr_eq(o, &m)) {
+                        match o.client.read(offset, len).await {
+                            Ok(b) => {
+                                self.serving().await?;
+                                return Ok(b);
+                            }
+                            Err(e) if is_deposing(&e) => return Err(self.depose(&e.to_string())),
+                            Err(e) => {
+                                warn!(volume_id = %self.cfg.volume_id, replica = %o.id, error = %e, "read failed")
+                            }
+                        }
+                    }
+                    return Err(IoError::Io(e.to_string()));
                 }
                 Err(e) => {
                     warn!(volume_id = %self.cfg.volume_id, replica = %m.id, error = %e, "read failed; trying another replica");

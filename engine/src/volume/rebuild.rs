@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use barnacle_replica::client::ClientError;
 use barnacle_replica::store::INTENT_REGION;
+use barnacle_replica::wire::Status;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -102,7 +103,7 @@ enum Mode<'a> {
 }
 
 /// Paces the copy to `rate` bytes per second.
-struct Pacer<'a> {
+pub(super) struct Pacer<'a> {
     /// The rate as it is now (bytes per second, 0: unlimited): it may change during a rebuild.
     source: &'a std::sync::atomic::AtomicU64,
     rate: u64,
@@ -111,12 +112,12 @@ struct Pacer<'a> {
 }
 
 impl<'a> Pacer<'a> {
-    fn new(source: &'a std::sync::atomic::AtomicU64) -> Pacer<'a> {
+    pub(super) fn new(source: &'a std::sync::atomic::AtomicU64) -> Pacer<'a> {
         let rate = source.load(std::sync::atomic::Ordering::Relaxed);
         Pacer { source, rate, started: Instant::now(), bytes: 0 }
     }
 
-    async fn take(&mut self, n: u64) {
+    pub(super) async fn take(&mut self, n: u64) {
         let rate = self.source.load(std::sync::atomic::Ordering::Relaxed);
         if rate != self.rate {
             // A new rate counts from now.
@@ -478,7 +479,20 @@ impl Volume {
                     },
                     target.client.read(offset, len)
                 );
-                let (src, dst) = (src.map_err(on(source))?, dst.map_err(on(target))?);
+                let dst = match dst {
+                    // The target's copy is damaged somewhere in the region: rewrite all of it.
+                    Err(e) if e.status() == Some(Status::Corrupt) => Bytes::new(),
+                    other => other.map_err(on(target))?,
+                };
+                let src = match src {
+                    // The source's copy of the head is damaged: read a sound one (the range is
+                    // locked) and repair the source on the way.
+                    Err(e) if snapshot.is_none() && e.status() == Some(Status::Corrupt) => self
+                        .recover(source, offset, len)
+                        .await
+                        .map_err(|e| RebuildError::Other(e.to_string()))?,
+                    other => other.map_err(on(source))?,
+                };
                 let copied = self.copy_chunks(target, offset, &src, &dst).await?;
                 self.rebuild.copied.fetch_add(copied, Ordering::Relaxed);
             }

@@ -45,6 +45,13 @@ pub(crate) struct Config {
     /// Raw partition holding the data; `None`: the `data` file in the store's directory.
     #[serde(default)]
     pub data_device: Option<std::path::PathBuf>,
+    /// Block checksums kept in `sums` (stores from before checksums existed get them at open).
+    #[serde(default = "checksums_on")]
+    pub checksums: bool,
+}
+
+fn checksums_on() -> bool {
+    true
 }
 
 /// The writable head: its size and the generation its writes are tagged with.

@@ -19,8 +19,10 @@
 //! runtime threads.
 
 mod alloc;
+mod faults;
 mod intent;
 mod keys;
+mod sums;
 mod sys;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -36,9 +38,12 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use self::alloc::Allocator;
+use self::faults::Faults;
+pub use self::faults::{FaultOp, FaultSpec};
 pub use self::intent::INTENT_REGION;
 use self::intent::Intent;
 use self::keys::{Config, EpochRecord, Head, Mapping, SnapshotRecord};
+use self::sums::{Sums, Verdict};
 pub use self::sys::CopyMode;
 use crate::error::{Result, StoreError};
 
@@ -78,6 +83,15 @@ pub struct CreateOptions {
     /// Keep the data on this block device (a raw partition) instead of a file in the store's
     /// directory; the directory then holds only the metadata.
     pub data_device: Option<PathBuf>,
+    /// Keep a checksum of every block and verify it on read (on unless measuring their cost).
+    pub checksums: bool,
+}
+
+impl CreateOptions {
+    /// A file-backed store with checksums.
+    pub fn new(volume_id: impl Into<String>, size: u64, cluster_size: u64) -> CreateOptions {
+        CreateOptions { volume_id: volume_id.into(), size, cluster_size, data_device: None, checksums: true }
+    }
 }
 
 /// A snapshot as listed.
@@ -108,6 +122,10 @@ pub struct StoreStat {
     pub failure: Option<String>,
     /// The raw partition holding the data, if not a file.
     pub data_device: Option<PathBuf>,
+    /// Blocks carry checksums verified on read.
+    pub checksums: bool,
+    /// Blocks found damaged (not matching their checksum) since the store opened.
+    pub checksum_errors: u64,
 }
 
 /// The result of a fence request.
@@ -180,7 +198,7 @@ struct SyncState {
 }
 
 impl SyncGroup {
-    fn sync(&self, f: &File) -> io::Result<()> {
+    fn sync(&self, sync: impl Fn() -> io::Result<()>) -> io::Result<()> {
         let mut g = self.state.lock();
         g.requested += 1;
         let ticket = g.requested;
@@ -195,7 +213,7 @@ impl SyncGroup {
                 g.running = true;
                 let target = g.requested;
                 drop(g);
-                let r = f.sync_data();
+                let r = sync();
                 g = self.state.lock();
                 g.running = false;
                 match &r {
@@ -232,6 +250,11 @@ pub struct Store {
     reserved_clusters: u64,
     epoch: Mutex<EpochRecord>,
     intent: Intent,
+    /// Checksums of the data's blocks (see [`sums`]).
+    sums: Sums,
+    /// Blocks found not to match their checksum since the store opened.
+    checksum_errors: std::sync::atomic::AtomicU64,
+    faults: Faults,
     failure: Mutex<Option<String>>,
     nosync: WriteOptions,
     sync: WriteOptions,
@@ -377,6 +400,7 @@ impl Store {
             cluster_size: cs,
             created_unix: now_unix(),
             data_device: opts.data_device.clone(),
+            checksums: opts.checksums,
         };
         let mut b = WriteBatch::default();
         b.put(keys::HEAD, to_json(&Head { size: opts.size, generation: 1 }));
@@ -549,10 +573,12 @@ impl Store {
         sync.set_sync(true);
         let mut nosync = WriteOptions::default();
         nosync.set_sync(false);
+        let sums = Sums::open(dir, config.checksums, cs).map_err(StoreError::io("open checksum file"))?;
         info!(volume_id = %config.volume_id, store_id = %config.store_id, size = head.size,
               snapshots = snaps.len(), clusters = alloc.used_count(), epoch = epoch.epoch,
-              "opened replica store");
-        Ok(Store {
+              checksums = config.checksums, "opened replica store");
+        let dirty = marked.clone();
+        let store = Store {
             dir: dir.to_owned(),
             cluster_shift: cs.trailing_zeros(),
             config,
@@ -567,10 +593,62 @@ impl Store {
             reserved_clusters,
             epoch: Mutex::new(epoch),
             intent: Intent::load(marked, epoch.epoch),
+            sums,
+            checksum_errors: std::sync::atomic::AtomicU64::new(0),
+            faults: Faults::default(),
             failure: Mutex::new(None),
             nosync,
             sync,
-        })
+        };
+        store.reseal(&dirty)?;
+        Ok(store)
+    }
+
+    /// Recomputes the checksums of the head's clusters in the marked `regions` from their data:
+    /// a crash can leave a block written there whose checksum was not (see [`sums`]).
+    fn reseal(&self, regions: &[u64]) -> Result<()> {
+        if !self.sums.enabled() || regions.is_empty() {
+            return Ok(());
+        }
+        let st = self.gate.read();
+        let cs = self.config.cluster_size;
+        let mut buf = vec![0u8; usize::try_from(cs).unwrap_or(usize::MAX)];
+        let mut clusters = BTreeSet::new();
+        for r in regions {
+            let start = r * INTENT_REGION;
+            let end = (start + INTENT_REGION).min(st.head.size);
+            let mut c = start >> self.cluster_shift;
+            while c << self.cluster_shift < end {
+                clusters.insert(c);
+                c += 1;
+            }
+        }
+        let mut resealed = 0u64;
+        for c in clusters {
+            if let Some((g, Mapping::Phys(p))) = self.lookup(c, st.head.generation)?
+                && st.exclusive(g)
+            {
+                sys::read_full_at(&self.data, &mut buf, self.phys_offset(p, 0))
+                    .map_err(StoreError::io("read data to reseal its checksums"))?;
+                self.sums.record(p, 0, &buf).map_err(StoreError::io("write checksums"))?;
+                resealed += 1;
+            }
+        }
+        self.sums.sync().map_err(StoreError::io("sync checksums"))?;
+        info!(volume_id = %self.config.volume_id, regions = regions.len(), clusters = resealed,
+              "recomputed the checksums of regions written before the last open");
+        Ok(())
+    }
+
+    /// Arms injected disk faults (replacing any armed before; empty disarms). For tests: the
+    /// management API allows it only on a replica started with `--fault-injection`.
+    pub fn inject_faults(&self, faults: Vec<FaultSpec>) {
+        warn!(volume_id = %self.config.volume_id, ?faults, "disk faults injected");
+        self.faults.set(faults);
+    }
+
+    fn fault(&self, op: FaultOp, offset: u64, len: u64, what: &'static str) -> Result<()> {
+        self.faults.check(op, offset, len).map_err(StoreError::io(what))
     }
 
     /// Removes the store in `dir` (which must not be open). Missing pieces are not an error. A
@@ -598,10 +676,12 @@ impl Store {
         if meta.exists() {
             std::fs::remove_dir_all(&meta).map_err(StoreError::io("remove metadata"))?;
         }
-        match std::fs::remove_file(dir.join(DATA_FILE)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::io("remove data file")(e)),
+        for (file, what) in [(DATA_FILE, "remove data file"), (sums::SUMS_FILE, "remove checksum file")] {
+            match std::fs::remove_file(dir.join(file)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io(what)(e)),
+            }
         }
         if dir.exists() {
             sync_dir(dir).map_err(StoreError::io("sync store directory"))?;
@@ -646,8 +726,15 @@ impl Store {
         StoreError::Failed(why)
     }
 
+    /// Makes the data and its checksums durable.
     fn sync_data(&self) -> Result<()> {
-        self.data_sync.sync(&self.data).map_err(|e| self.fail(format!("fdatasync: {e}")))
+        self.data_sync
+            .sync(|| {
+                self.faults.check(FaultOp::Sync, 0, 0)?;
+                self.data.sync_data()?;
+                self.sums.sync()
+            })
+            .map_err(|e| self.fail(format!("fdatasync: {e}")))
     }
 
     // ----- geometry -----------------------------------------------------------------------
@@ -784,13 +871,15 @@ impl Store {
 
     /// Writes the new contents of one cluster into a fresh physical cluster and maps it at the
     /// head's generation: `base` is copied first when the write does not cover the whole cluster,
-    /// then `fill` changes it. The data is durable before the mapping is written.
+    /// then `fill` changes it and writes it to physical cluster `p` (it records the checksums of
+    /// what it writes when it leaves `buf` empty). The data and its checksums are durable before
+    /// the mapping is written.
     fn remap(
         &self,
         st: &State,
         c: Chunk,
         prev: Option<(u64, Mapping)>,
-        fill: impl FnOnce(&mut Vec<u8>, &File, u64) -> Result<()>,
+        fill: impl FnOnce(&mut Vec<u8>, u64) -> Result<()>,
     ) -> Result<()> {
         let h = st.head.generation;
         let p = self.allocate()?;
@@ -811,7 +900,11 @@ impl Store {
                 (_, false) if self.on_device => buf = cluster_buf(),
                 _ => {}
             }
-            fill(&mut buf, &self.data, self.phys_offset(p, 0))?;
+            fill(&mut buf, p)?;
+            if !buf.is_empty() {
+                // The whole cluster was written: its checksums with it.
+                self.sums.record(p, 0, &buf).map_err(StoreError::io("write checksums"))?;
+            }
             self.sync_data()?;
             let mut b = WriteBatch::default();
             keys::put_map(&mut b, c.cluster, h, Mapping::Phys(p));
@@ -879,7 +972,8 @@ impl Store {
         for c in self.chunks(offset, buf.len() as u64) {
             #[allow(clippy::cast_possible_truncation)]
             let out = &mut buf[c.pos..c.pos + c.len as usize];
-            let _g = match (lock, cached) {
+            self.fault(FaultOp::Read, (c.cluster << self.cluster_shift) + c.at, c.len, "read data")?;
+            let g = match (lock, cached) {
                 (false, _) => None,
                 (true, false) => Some(self.stripe(c.cluster).read()),
                 (true, true) => match self.stripe(c.cluster).try_read() {
@@ -894,13 +988,51 @@ impl Store {
                     {
                         return Ok(false);
                     }
+                    // Checksums not cached, or a mismatch: the blocking path reads again and
+                    // decides.
+                    if self.sums.verify(p, c.at, out, true).map_err(StoreError::io("read checksums"))?
+                        != Verdict::Good
+                    {
+                        return Ok(false);
+                    }
                 }
-                Some((_, Mapping::Phys(p))) => sys::read_full_at(&self.data, out, self.phys_offset(p, c.at))
-                    .map_err(StoreError::io("read data"))?,
+                Some((_, Mapping::Phys(p))) => {
+                    sys::read_full_at(&self.data, out, self.phys_offset(p, c.at))
+                        .map_err(StoreError::io("read data"))?;
+                    if self.sums.verify(p, c.at, out, false).map_err(StoreError::io("read checksums"))?
+                        != Verdict::Good
+                    {
+                        drop(g);
+                        self.read_suspect(reader, c, out, lock)?;
+                    }
+                }
                 _ => out.fill(0),
             }
         }
         Ok(true)
+    }
+
+    /// Reads chunk `c` again after it did not match its checksums, this time with no write in
+    /// flight on its cluster (an in-place write lands its data before its checksums, so a read
+    /// racing one can see them disagree). A second mismatch is a damaged copy: counted, logged
+    /// and returned as [`StoreError::Checksum`], never as data.
+    fn read_suspect(&self, reader: u64, c: Chunk, out: &mut [u8], lock: bool) -> Result<()> {
+        let _w = lock.then(|| self.stripe(c.cluster).write());
+        let Some((_, Mapping::Phys(p))) = self.lookup(c.cluster, reader)? else {
+            out.fill(0);
+            return Ok(());
+        };
+        sys::read_full_at(&self.data, out, self.phys_offset(p, c.at)).map_err(StoreError::io("read data"))?;
+        match self.sums.verify(p, c.at, out, false).map_err(StoreError::io("read checksums"))? {
+            Verdict::Bad(block) => {
+                let offset = (c.cluster << self.cluster_shift) + c.at + block * BLOCK_SIZE;
+                self.checksum_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(volume_id = %self.config.volume_id, offset, generation = reader, physical_cluster = p,
+                      "block does not match its checksum: this copy is damaged");
+                Err(StoreError::Checksum { offset })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Writes the head like [`Store::write`] (not FUA), but only if that needs no waiting:
@@ -920,16 +1052,12 @@ impl Store {
         let h = st.head.generation;
         let res = (|| {
             for c in self.chunks(offset, len) {
+                self.fault(FaultOp::Write, (c.cluster << self.cluster_shift) + c.at, c.len, "write data")?;
                 let Some(_r) = self.stripe(c.cluster).try_read() else { return Ok(false) };
                 match self.lookup(c.cluster, h)? {
                     Some((g, Mapping::Phys(p))) if st.exclusive(g) => {
                         #[allow(clippy::cast_possible_truncation)]
-                        sys::write_full_at(
-                            &self.data,
-                            &data[c.pos..c.pos + c.len as usize],
-                            self.phys_offset(p, c.at),
-                        )
-                        .map_err(StoreError::io("write data"))?;
+                        self.write_in_place(p, c.at, &data[c.pos..c.pos + c.len as usize])?;
                     }
                     _ => return Ok(false),
                 }
@@ -963,13 +1091,13 @@ impl Store {
 
     fn write_chunk(&self, st: &State, c: Chunk, data: &[u8]) -> Result<()> {
         let h = st.head.generation;
+        self.fault(FaultOp::Write, (c.cluster << self.cluster_shift) + c.at, c.len, "write data")?;
         {
             let _r = self.stripe(c.cluster).read();
             if let Some((g, Mapping::Phys(p))) = self.lookup(c.cluster, h)?
                 && st.exclusive(g)
             {
-                return sys::write_full_at(&self.data, data, self.phys_offset(p, c.at))
-                    .map_err(StoreError::io("write data"));
+                return self.write_in_place(p, c.at, data);
             }
         }
         let _w = self.stripe(c.cluster).write();
@@ -977,20 +1105,29 @@ impl Store {
         if let Some((g, Mapping::Phys(p))) = prev
             && st.exclusive(g)
         {
-            return sys::write_full_at(&self.data, data, self.phys_offset(p, c.at))
-                .map_err(StoreError::io("write data"));
+            return self.write_in_place(p, c.at, data);
         }
-        self.remap(st, c, prev, |buf, f, base| {
+        self.remap(st, c, prev, |buf, p| {
             if buf.is_empty() {
                 // Fresh cluster (a hole): only the written part needs writing.
-                sys::write_full_at(f, data, base + c.at)
+                sys::write_full_at(&self.data, data, self.phys_offset(p, c.at))
+                    .map_err(StoreError::io("write data"))?;
+                self.sums.record_fresh(p, c.at, data).map_err(StoreError::io("write checksums"))
             } else {
                 #[allow(clippy::cast_possible_truncation)]
                 buf[c.at as usize..c.at as usize + data.len()].copy_from_slice(data);
-                sys::write_full_at(f, buf, base)
+                sys::write_full_at(&self.data, buf, self.phys_offset(p, 0))
+                    .map_err(StoreError::io("write data"))
             }
-            .map_err(StoreError::io("write data"))
         })
+    }
+
+    /// Overwrites part of a cluster the head alone holds, then its checksums. The caller holds
+    /// the cluster's stripe lock.
+    fn write_in_place(&self, p: u64, at: u64, data: &[u8]) -> Result<()> {
+        sys::write_full_at(&self.data, data, self.phys_offset(p, at))
+            .map_err(StoreError::io("write data"))?;
+        self.sums.record(p, at, data).map_err(StoreError::io("write checksums"))
     }
 
     /// Deallocates a range: it reads as zeros afterwards and frees whole clusters the head alone
@@ -1030,13 +1167,16 @@ impl Store {
                     self.db.write_opt(b, &self.nosync)?;
                     self.alloc.lock().alloc.free_after_sync(p);
                     Ok(())
-                } else if self.on_device {
-                    let zeros = vec![0u8; usize::try_from(c.len).unwrap_or(usize::MAX)];
-                    sys::write_full_at(&self.data, &zeros, self.phys_offset(p, c.at))
-                        .map_err(StoreError::io("zero range"))
                 } else {
-                    sys::punch_hole(&self.data, self.phys_offset(p, c.at), c.len)
-                        .map_err(StoreError::io("punch hole"))
+                    if self.on_device {
+                        let zeros = vec![0u8; usize::try_from(c.len).unwrap_or(usize::MAX)];
+                        sys::write_full_at(&self.data, &zeros, self.phys_offset(p, c.at))
+                            .map_err(StoreError::io("zero range"))?;
+                    } else {
+                        sys::punch_hole(&self.data, self.phys_offset(p, c.at), c.len)
+                            .map_err(StoreError::io("punch hole"))?;
+                    }
+                    self.sums.clear(p, c.at, c.len).map_err(StoreError::io("clear checksums"))
                 }
             }
             Some((_, Mapping::Phys(_))) => {
@@ -1046,10 +1186,11 @@ impl Store {
                     self.db.write_opt(b, &self.nosync)?;
                     Ok(())
                 } else {
-                    self.remap(st, c, prev, |buf, f, base| {
+                    self.remap(st, c, prev, |buf, p| {
                         #[allow(clippy::cast_possible_truncation)]
                         buf[c.at as usize..(c.at + c.len) as usize].fill(0);
-                        sys::write_full_at(f, buf, base).map_err(StoreError::io("write data"))
+                        sys::write_full_at(&self.data, buf, self.phys_offset(p, 0))
+                            .map_err(StoreError::io("write data"))
                     })
                 }
             }
@@ -1379,6 +1520,8 @@ impl Store {
             dirty_regions: self.intent.dirty().len() as u64,
             failure: self.failure.lock().clone(),
             data_device: self.config.data_device.clone(),
+            checksums: self.sums.enabled(),
+            checksum_errors: self.checksum_errors.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -1481,6 +1624,7 @@ impl Store {
             size: snap.size,
             cluster_size: self.config.cluster_size,
             data_device: None,
+            checksums: self.config.checksums,
         };
         let dst = match Store::create_inner(target, &opts, true) {
             Ok(d) => d,
@@ -1543,6 +1687,7 @@ impl Store {
             let mode = sys::clone_or_copy(&self.data, p0 * cs, &dst.data, t0 * cs, n * cs, all_reflink)
                 .map_err(StoreError::io("clone snapshot data"))?;
             all_reflink &= mode == CopyMode::Reflink;
+            self.sums.copy_to(p0, &dst.sums, t0, n).map_err(StoreError::io("copy checksums"))?;
             for i in 0..n {
                 keys::put_map(batch, c0 + i, 1, Mapping::Phys(t0 + i));
             }
