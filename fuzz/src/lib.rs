@@ -39,13 +39,15 @@ struct RamDisk {
 
 impl RamDisk {
     /// The buffer range of a request; panics (a finding) if the server let a bad one through.
-    fn range(&self, offset: u64, len: usize) -> std::ops::Range<usize> {
+    /// Reads and writes (`payload`) are also bounded by the export's maximum block; trims and
+    /// zeroes carry no payload and may be longer.
+    fn range(&self, offset: u64, len: usize, payload: bool) -> std::ops::Range<usize> {
         let end = offset.checked_add(len as u64);
         assert!(
             offset.is_multiple_of(4096)
                 && len.is_multiple_of(4096)
                 && len > 0
-                && len <= self.max_block as usize
+                && (!payload || len <= self.max_block as usize)
                 && end.is_some_and(|e| e <= DISK),
             "the NBD server passed a bad request to its backend: offset {offset}, length {len}"
         );
@@ -60,12 +62,12 @@ impl Backend for RamDisk {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
-        let r = self.range(offset, len as usize);
+        let r = self.range(offset, len as usize, true);
         Ok(Bytes::copy_from_slice(&self.data.lock()[r]))
     }
 
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), IoError> {
-        let r = self.range(offset, data.len());
+        let r = self.range(offset, data.len(), true);
         self.data.lock()[r].copy_from_slice(&data);
         Ok(())
     }
@@ -75,7 +77,7 @@ impl Backend for RamDisk {
     }
 
     async fn trim(&self, offset: u64, len: u32) -> Result<(), IoError> {
-        let r = self.range(offset, len as usize);
+        let r = self.range(offset, len as usize, false);
         self.data.lock()[r].fill(0);
         Ok(())
     }
@@ -300,7 +302,7 @@ mod tests {
     #[should_panic(expected = "bad request")]
     fn the_ram_disk_reports_a_request_the_server_should_have_refused() {
         let disk = RamDisk { data: Mutex::new(vec![0; DISK_BYTES]), max_block: 4096 };
-        disk.range(DISK - 4096, 8192);
+        disk.range(DISK - 4096, 8192, false);
     }
 
     #[test]
