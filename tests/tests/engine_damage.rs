@@ -249,3 +249,58 @@ async fn a_burst_of_write_errors_ejects_the_replica_and_it_is_rebuilt_when_the_d
     let images = replica_images(&addrs, VOL, TOKEN, st.epoch + 1, 32 * MIB).await;
     assert!(images[0] == images[1] && images[1] == images[2], "replicas differ after the rebuild");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_from_a_damaged_source_copies_a_sound_copy_and_repairs_the_source() {
+    let mut s = setup(2);
+    let mut engine = s.engine(&["--rebuild-retry-ms", "200"]);
+    let uri = engine.uri(VOL);
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x66 0 1M", "-c", "flush"]);
+    // A full rebuild copies from the first member, replica 0: damage its copy.
+    flip_bit(&s.data_file(0), cluster_of(&s.data_file(0), 0x66) + 2 * 4096 + 9);
+    s.replicas.push(ReplicaProcess::start_with(
+        &s.root.path().join("r2"),
+        VOL,
+        &s.token,
+        Some("64MiB"),
+        &s.log,
+        &["--fault-injection"],
+    ));
+    let mut m = EngineManagerClient::connect(format!("http://{}", engine.mgmt)).await.unwrap();
+    let add = pb::AddReplicaRequest { id: "r2".into(), address: s.replicas[2].data.to_string() };
+    m.add_replica(authed(add)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let st = loop {
+        let st = status(&engine).await;
+        if st.replicas.len() == 3 && st.replicas.iter().all(|r| r.state == "healthy") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the rebuild from a damaged source never finished: {st:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(st.damaged_ranges >= 1 && st.repaired_bytes >= 4096 && st.unrepaired_ranges == 0, "{st:?}");
+    engine.stop();
+    // Every copy, the repaired source and the new replica included, reads back sound directly.
+    let addrs: Vec<SocketAddr> = s.replicas.iter().map(|r| r.data).collect();
+    let images = replica_images(&addrs, VOL, TOKEN, st.epoch + 1, MIB).await;
+    assert!(images.iter().all(|i| i.iter().all(|b| *b == 0x66)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_injection_is_refused_unless_enabled_and_checks_its_arguments() {
+    use barnacle_replica::mgmt::pb::{InjectFaultsRequest, replica_manager_client::ReplicaManagerClient};
+    let s = setup(1);
+    let plain = ReplicaProcess::start(&s.root.path().join("plain"), VOL, &s.token, Some("64MiB"), &s.log);
+    let call = |addr: SocketAddr, faults: Vec<Fault>| async move {
+        let mut c = ReplicaManagerClient::connect(format!("http://{addr}")).await.unwrap();
+        c.inject_faults(authed(InjectFaultsRequest { faults })).await.map(drop)
+    };
+    let e = call(plain.mgmt, vec![fault("read", "eio", 0)]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    for bad in [fault("trim", "eio", 0), fault("read", "ebusy", 0)] {
+        let e = call(s.replicas[0].mgmt, vec![bad]).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    }
+    call(s.replicas[0].mgmt, vec![fault("sync", "", 100)]).await.unwrap();
+    call(s.replicas[0].mgmt, Vec::new()).await.unwrap();
+}

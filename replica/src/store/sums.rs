@@ -86,16 +86,14 @@ impl Sums {
         n
     }
 
-    /// Records the checksums of `data`, written at offset `at` of physical cluster `p`.
+    /// Records the checksums of `data` (inside one cluster), written at offset `at` of physical
+    /// cluster `p`.
     pub(crate) fn record(&self, p: u64, at: u64, data: &[u8]) -> io::Result<()> {
         let Some(f) = &self.file else { return Ok(()) };
-        for (i, part) in data.chunks(MAX_CLUSTER_SUMS / 4 * BLOCK).enumerate() {
-            let mut buf = [0u8; MAX_CLUSTER_SUMS];
-            let n = Self::encode(part, &mut buf);
-            let at = at + (i * MAX_CLUSTER_SUMS / 4) as u64 * BLOCK_SIZE;
-            sys::write_full_at(f, &buf[..n], self.pos(p, at))?;
-        }
-        Ok(())
+        debug_assert!(data.len() <= MAX_CLUSTER_SUMS / 4 * BLOCK);
+        let mut buf = [0u8; MAX_CLUSTER_SUMS];
+        let n = Self::encode(data, &mut buf);
+        sys::write_full_at(f, &buf[..n], self.pos(p, at))
     }
 
     /// Records the checksums of a freshly allocated cluster `p` of which only `data` at `at` was
