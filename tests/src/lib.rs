@@ -3,8 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod chaos;
 pub mod cluster;
 pub mod k8s;
+pub mod netns;
 pub mod sidecars;
 
 use std::net::SocketAddr;
@@ -37,6 +39,8 @@ pub struct ReplicaProcess {
     log: PathBuf,
     /// Further arguments it was started with (kept for a restart).
     extra: Vec<String>,
+    /// The network namespace it runs in.
+    netns: Option<String>,
 }
 
 impl ReplicaProcess {
@@ -52,7 +56,9 @@ impl ReplicaProcess {
         Self::start_at(dir, volume_id, token_file, size, log, None)
     }
 
-    /// Like [`ReplicaProcess::start_at`], inside network namespace `netns`.
+    /// Like [`ReplicaProcess::start_at`], inside network namespace `netns`, with further
+    /// arguments (a restart keeps both).
+    #[allow(clippy::too_many_arguments)]
     pub fn start_in_netns(
         netns: &str,
         dir: &Path,
@@ -61,8 +67,10 @@ impl ReplicaProcess {
         size: Option<&str>,
         log: &Path,
         listen: SocketAddr,
+        extra: &[&str],
     ) -> ReplicaProcess {
-        Self::spawn(Some(netns), dir, volume_id, token_file, size, log, Some(listen), &[])
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        Self::spawn(Some(netns), dir, volume_id, token_file, size, log, Some(listen), &extra)
     }
 
     /// Like [`ReplicaProcess::start`], with further arguments (kept for a restart).
@@ -91,9 +99,9 @@ impl ReplicaProcess {
     /// Starts it again (after [`ReplicaProcess::kill`]) on the same store and data address.
     pub fn restart(&mut self) {
         self.kill();
-        let extra = self.extra.clone();
+        let (extra, netns) = (self.extra.clone(), self.netns.clone());
         *self = Self::spawn(
-            None,
+            netns.as_deref(),
             &self.dir,
             &self.volume_id,
             &self.token_file,
@@ -159,6 +167,7 @@ impl ReplicaProcess {
                     token_file: token_file.to_owned(),
                     log: log.to_owned(),
                     extra: extra.to_vec(),
+                    netns: netns.map(str::to_owned),
                 };
             }
             if let Some(status) = child.try_wait().unwrap() {
@@ -533,12 +542,18 @@ pub struct ControllerProcess {
 
 impl ControllerProcess {
     pub fn start(root: &Path, nodes: usize) -> ControllerProcess {
+        Self::start_with(root, nodes, &[])
+    }
+
+    /// [`ControllerProcess::start`] with further arguments.
+    pub fn start_with(root: &Path, nodes: usize, extra: &[&str]) -> ControllerProcess {
         let names: Vec<String> = (1..=nodes).map(|i| format!("n{i}")).collect();
         let mut args = vec!["--endpoint".to_owned(), format!("unix://{}", root.join("csi.sock").display())];
         args.extend(["--state-dir".to_owned(), root.join("state").display().to_string()]);
         for n in &names {
             args.extend(["--node".to_owned(), format!("{n}={}", root.join("nodes").join(n).display())]);
         }
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         ControllerProcess::with_args(root, "controller", names, args, Vec::new())
     }
 

@@ -17,86 +17,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use barnacle_tests::netns::{Net, in_netns};
 use barnacle_tests::{EngineProcess, ReplicaProcess, replica_images, run_ok};
 
 const VOL: &str = "vol-split";
 const TOKEN: &str = "split-token";
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
-
-/// Network namespaces and veth links, removed on drop.
-struct Net {
-    prefix: String,
-    namespaces: Vec<String>,
-}
-
-impl Net {
-    fn new() -> Net {
-        // Short: interface names are limited to 15 bytes.
-        let prefix = format!("b{}", std::process::id() % 100_000);
-        // Links of an earlier run in this namespace (namespaces are torn down asynchronously, or a
-        // run was killed) would shadow this run's routes: remove them.
-        let links = Command::new("ip").args(["-o", "link", "show"]).output().unwrap();
-        for line in String::from_utf8_lossy(&links.stdout).lines() {
-            let name = line.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("");
-            let ours = name.starts_with('b')
-                && name[1..].split(['a', 'b']).count() == 2
-                && name[1..].chars().all(|c| c.is_ascii_digit() || c == 'a' || c == 'b');
-            if ours {
-                let _ = Command::new("ip").args(["link", "del", name]).output();
-            }
-        }
-        Net { prefix, namespaces: Vec::new() }
-    }
-
-    fn ns(&mut self, name: &str) -> String {
-        let ns = format!("{}{name}", self.prefix);
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        run_ok("ip", &["netns", "add", &ns]);
-        run_ok("ip", &["-n", &ns, "link", "set", "lo", "up"]);
-        self.namespaces.push(ns.clone());
-        ns
-    }
-
-    /// A point-to-point link between namespaces `a` and `b` on 10.77.`subnet`.0/30 (`a` gets .1,
-    /// `b` gets .2), with each side routing to the other's service addresses.
-    fn link(&self, a: &str, b: &str, subnet: u8, a_serves: &[&str], b_serves: &[&str]) -> String {
-        let (ia, ib) = (format!("{}a{subnet}", self.prefix), format!("{}b{subnet}", self.prefix));
-        run_ok("ip", &["link", "add", &ia, "netns", a, "type", "veth", "peer", "name", &ib, "netns", b]);
-        for (ns, ifname, me, peer, routes) in [(a, &ia, 1, 2, b_serves), (b, &ib, 2, 1, a_serves)] {
-            run_ok("ip", &["-n", ns, "addr", "add", &format!("10.77.{subnet}.{me}/30"), "dev", ifname]);
-            run_ok("ip", &["-n", ns, "link", "set", ifname, "up"]);
-            for r in routes {
-                run_ok(
-                    "ip",
-                    &[
-                        "-n",
-                        ns,
-                        "route",
-                        "replace",
-                        &format!("{r}/32"),
-                        "via",
-                        &format!("10.77.{subnet}.{peer}"),
-                    ],
-                );
-            }
-        }
-        ia
-    }
-
-    /// Takes interface `ifname` (in namespace `ns`) down: packets on that link are lost.
-    fn cut(&self, ns: &str, ifname: &str) {
-        run_ok("ip", &["-n", ns, "link", "set", ifname, "down"]);
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
 
 /// Writes blocks `first..first+count` (4 KiB each) one at a time through `uri`, each with pattern
 /// byte `pattern(block)`, pausing `pause_ms` between writes.
@@ -144,7 +71,7 @@ fn membership(state: &Path) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_engines_on_a_partitioned_network_cannot_both_acknowledge_writes() {
-    let mut net = Net::new();
+    let mut net = Net::new('b', 77);
     let root = tempfile::tempdir().unwrap();
     let token = root.path().join("token");
     std::fs::write(&token, TOKEN).unwrap();
@@ -155,28 +82,16 @@ async fn two_engines_on_a_partitioned_network_cannot_both_acknowledge_writes() {
     for (i, ns) in rns.iter().enumerate() {
         run_ok("ip", &["-n", ns, "addr", "add", &format!("{}/32", serve[i]), "dev", "lo"]);
     }
-    // The test process (this namespace) reaches every replica, to check them afterwards.
-    let host = {
-        // A namespace handle for the current one, so `link` can name it.
-        let name = format!("{}H", net.prefix);
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run_ok("ip", &["netns", "attach", &name, &std::process::id().to_string()]);
-        net.namespaces.push(name.clone());
-        name
-    };
     let mut subnet = 1u8;
     let mut link = |a: &str, b: &str, b_serves: &str| {
-        let i = net.link(a, b, subnet, &[], &[b_serves]);
+        let l = net.link(a, b, subnet, &[], &[b_serves]);
         subnet += 1;
-        i
+        l
     };
-    let a_to: Vec<String> = (0..3).map(|i| link(&na, &rns[i], &serve[i])).collect();
+    let a_to: Vec<_> = (0..3).map(|i| link(&na, &rns[i], &serve[i])).collect();
     // B has no link to r0 at all.
     link(&nb, &rns[1], &serve[1]);
     link(&nb, &rns[2], &serve[2]);
-    for i in 0..3 {
-        link(&host, &rns[i], &serve[i]);
-    }
 
     let replicas: Vec<ReplicaProcess> = (0..3)
         .map(|i| {
@@ -188,6 +103,7 @@ async fn two_engines_on_a_partitioned_network_cannot_both_acknowledge_writes() {
                 Some("64MiB"),
                 &log,
                 format!("{}:7400", serve[i]).parse().unwrap(),
+                &[],
             )
         })
         .collect();
@@ -208,7 +124,7 @@ async fn two_engines_on_a_partitioned_network_cannot_both_acknowledge_writes() {
     // A writes blocks 0.. ; part-way, its link to r2 goes down.
     let load_a = writer(&uri("a"), 0, 400, 10);
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    net.cut(&na, &a_to[2]);
+    net.cut(&a_to[2]);
     // B starts on the same authority, reaching r1 and r2 only, and writes blocks 4096.. .
     let sock_b = sock("b").display().to_string();
     let mut args_b = vec!["--nbd-socket", &sock_b];
@@ -241,10 +157,11 @@ async fn two_engines_on_a_partitioned_network_cannot_both_acknowledge_writes() {
     assert_eq!(m["replicas"][2]["state"], "healthy", "{m}");
     run_ok("qemu-io", &["-f", "raw", &uri("b"), "-c", "flush"]);
     engine_b.stop();
-    // Read r1 and r2 from this namespace: identical, and every acknowledged write is there.
+    // Read r1 and r2 from B's namespace: identical, and every acknowledged write is there.
     let epoch = membership(&state)["epoch"].as_u64().unwrap() + 1;
     let addrs = [replicas[1].data, replicas[2].data];
-    let images = replica_images(&addrs, VOL, TOKEN, epoch, 32 * MIB).await;
+    let images =
+        in_netns(&nb, move || async move { replica_images(&addrs, VOL, TOKEN, epoch, 32 * MIB).await });
     assert!(images[0] == images[1], "the committed replicas differ");
     for b in acked_a.iter().chain(&acked_b) {
         let at = (b * BLOCK) as usize;
