@@ -55,7 +55,13 @@ impl Admin {
                 .map(|r| {
                     let (state, ejected_at_epoch) =
                         d.replicas.get(&r.id).cloned().unwrap_or_else(|| ("unknown".to_owned(), 0));
-                    pb::ReplicaInfo { id: r.id.clone(), node: r.node.clone(), state, ejected_at_epoch }
+                    pb::ReplicaInfo {
+                        id: r.id.clone(),
+                        node: r.node.clone(),
+                        state,
+                        ejected_at_epoch,
+                        lost_seconds: d.lost.get(&r.id).copied().unwrap_or(0),
+                    }
                 })
                 .collect(),
             epoch: d.epoch,
@@ -83,6 +89,9 @@ impl Admin {
             damaged_ranges: d.damage.0,
             repaired_bytes: d.damage.1,
             unrepaired_ranges: d.damage.2,
+            replicas_replenished: v.replicas_replenished,
+            replenish_after_seconds: v.params.replenish_after().map_or(0, |w| w.as_secs()),
+            lost_replicas: v.lost_replicas.iter().map(|r| format!("{}@{}", r.id, r.node)).collect(),
             clone: self
                 .service
                 .clone_progress(&v.id)

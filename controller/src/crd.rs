@@ -149,6 +149,8 @@ mod tests {
             created_unix: 5,
             annotations: Default::default(),
             replica_ids_issued: 1,
+            lost_replicas: Vec::new(),
+            replicas_replenished: 0,
         };
         let cr = Volume::new("vol-1", VolumeSpec { record: record.clone() });
         let json = serde_json::to_value(&cr).unwrap_or_default();

@@ -85,6 +85,8 @@ struct View {
     addresses: HashMap<String, String>,
     /// Nodes that are Ready and schedulable.
     usable: std::collections::HashSet<String>,
+    /// Nodes that are Ready (schedulable or cordoned).
+    ready: std::collections::HashSet<String>,
     /// Node name → its disk directory.
     disks: HashMap<String, String>,
     default_disk: Option<String>,
@@ -242,15 +244,18 @@ fn data_plane_pod(p: &Pod, namespace: &str) -> bool {
         && matches!(get(COMPONENT_LABEL), Some("replica" | "engine"))
 }
 
-/// Whether the node may get new replicas and engines: Ready and schedulable.
-fn node_usable(n: &Node) -> bool {
-    let ready = n
-        .status
+/// Whether the node's kubelet reports it Ready.
+fn node_ready(n: &Node) -> bool {
+    n.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Whether the node may get new replicas and engines: Ready and schedulable.
+fn node_usable(n: &Node) -> bool {
     let cordoned = n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
-    ready && !cordoned
+    node_ready(n) && !cordoned
 }
 
 fn node_address(n: &Node) -> Option<String> {
@@ -335,6 +340,9 @@ impl KubeOrchestrator {
             let name = n.metadata.name.clone().unwrap_or_default();
             let Some(addr) = node_address(n) else { continue };
             view.addresses.insert(name.clone(), addr);
+            if node_ready(n) {
+                view.ready.insert(name.clone());
+            }
             if !node_usable(n) {
                 continue;
             }
@@ -753,6 +761,12 @@ impl Orchestrator for KubeOrchestrator {
         self.view.read().nodes.clone()
     }
 
+    fn node_lost(&self, name: &str) -> bool {
+        // Gone from the cluster or not Ready; unknown before the first read of the nodes.
+        let view = self.view.read();
+        view.synced && !view.ready.contains(name)
+    }
+
     fn ports(&self) -> Option<RangeInclusive<u16>> {
         Some(self.cfg.ports.clone())
     }
@@ -896,7 +910,8 @@ impl Orchestrator for KubeOrchestrator {
     async fn remove_replica(&self, volume_id: &str, replica: &ReplicaPlacement) -> Result<()> {
         let name = Self::replica_pod(volume_id, &replica.id);
         self.delete_pod(volume_id, &name, None).await?;
-        if !self.node_usable(&replica.node) {
+        // A cordoned node still runs the wiping pod; one that is not Ready does not.
+        if self.node_lost(&replica.node) {
             warn!(volume_id, replica = %replica.id, node = %replica.node,
                   "the replica's node is not ready: its data stays there");
             return Ok(());

@@ -18,6 +18,7 @@ pub mod k8s;
 pub mod k8s_store;
 pub mod leader;
 pub mod local;
+pub mod metrics;
 pub mod orchestrator;
 pub mod params;
 pub mod placement;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use barnacle_engine::authority::{FileAuthority, MembershipAuthority};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::{ControllerError, Result};
 use crate::orchestrator::{EngineEndpoint, Orchestrator, ReplicaEndpoint};
@@ -95,6 +95,12 @@ fn orch(volume_id: &str, e: impl std::fmt::Display) -> ControllerError {
 fn filesystem_size(dir: &Path) -> Option<u64> {
     let s = nix::sys::statvfs::statvfs(dir).ok()?;
     Some(s.blocks() * s.fragment_size())
+}
+
+/// Whether a node's disk is there: its `replicas` directory can be read (a node directory that
+/// was unmounted, removed or renamed stands for a node that is down).
+fn node_reachable(n: &LocalNode) -> bool {
+    std::fs::metadata(n.dir.join("replicas")).is_ok_and(|m| m.is_dir())
 }
 
 /// How long a process may take to serve after it starts.
@@ -298,10 +304,16 @@ fn ready_str<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
 
 #[async_trait::async_trait]
 impl Orchestrator for LocalOrchestrator {
+    fn node_lost(&self, name: &str) -> bool {
+        self.node(name).map_or(true, |n| !node_reachable(n))
+    }
+
     fn nodes(&self) -> Vec<NodeInfo> {
+        // A node whose directory is gone gets nothing new.
         self.cfg
             .nodes
             .iter()
+            .filter(|n| node_reachable(n))
             .map(|n| NodeInfo {
                 name: n.name.clone(),
                 zone: n.zone.clone(),
@@ -439,6 +451,11 @@ impl Orchestrator for LocalOrchestrator {
             kill_unwatched(&spec.ready_file).await;
         }
         let node = self.node(&replica.node)?.clone();
+        if !node_reachable(&node) {
+            warn!(volume_id, replica = %replica.id, node = %replica.node,
+                  "the replica's node directory is unavailable: its data stays there");
+            return Ok(());
+        }
         let (vid, rid) = (volume_id.to_owned(), replica.id.clone());
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let dir = Self::replica_dir(&node, &vid, &rid);

@@ -61,6 +61,13 @@ struct Args {
     /// serving and the next controller adopts them).
     #[arg(long)]
     stop_processes_on_exit: bool,
+    /// How often lost replicas are looked for and, past their volume's `replicaReplenishAfter`,
+    /// replaced (milliseconds).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    replenish_interval_ms: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (volumes, lost and replenished replicas).
+    #[arg(long)]
+    metrics_listen: Option<String>,
 
     /// Kubernetes: the namespace of the records, pods and Secrets (the controller's own).
     #[arg(long, env = "POD_NAMESPACE", required_if_eq("orchestrator", "kubernetes"))]
@@ -112,6 +119,25 @@ struct Args {
     leader_election_lease: String,
 }
 
+/// Serves the controller's metrics on `addr`, if given.
+async fn spawn_metrics(
+    addr: Option<&str>,
+    service: &Arc<Service>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let bound = listener.local_addr()?;
+    info!(metrics = %bound, "metrics at /metrics");
+    let (s, stop) = (service.clone(), stop.clone());
+    tokio::spawn(async move {
+        if let Err(e) = barnacle_controller::metrics::serve(listener, s, stop).await {
+            warn!(error = %e, "the metrics server stopped");
+        }
+    });
+    Ok(Some(bound))
+}
+
 fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected FIRST-LAST"))?;
     let (a, b): (u16, u16) = (
@@ -140,6 +166,22 @@ fn main() -> anyhow::Result<()> {
     barnacle_daemon::process::init_tracing();
     let args = Args::parse();
     barnacle_daemon::process::runtime(2)?.block_on(serve(args))
+}
+
+/// Runs the replenishment pass every `period` until `stop` fires.
+fn spawn_replenish(service: &Arc<Service>, period: Duration, stop: &tokio_util::sync::CancellationToken) {
+    let (s, stop) = (service.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(period) => {}
+            }
+            if let Err(e) = s.replenish().await {
+                warn!(error = %e, "replenishment pass failed");
+            }
+        }
+    });
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
@@ -172,7 +214,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 stop_on_exit: args.stop_processes_on_exit,
             })?;
             let service = Arc::new(Service::new(Arc::new(store), Arc::new(orch), cfg));
-            let listener = listen(&args, &socket)?;
+            spawn_replenish(&service, Duration::from_millis(args.replenish_interval_ms), &shutdown);
+            let metrics = spawn_metrics(args.metrics_listen.as_deref(), &service, &shutdown).await?;
+            let listener = listen(&args, &socket, metrics)?;
             info!(endpoint = %socket.display(), state_dir = %state_dir.display(), "controller serving");
             barnacle_controller::run(listener, service, shutdown, Box::pin(std::future::ready(()))).await?;
         }
@@ -203,6 +247,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             let _ = orch.refresh().await;
             tokio::spawn(orch.clone().refresh_every(Duration::from_secs(5), shutdown.clone()));
             let service = Arc::new(Service::new(Arc::new(store), orch, cfg));
+            spawn_replenish(&service, Duration::from_millis(args.replenish_interval_ms), &shutdown);
+            let metrics = spawn_metrics(args.metrics_listen.as_deref(), &service, &shutdown).await?;
             {
                 let (s, stop) = (service.clone(), shutdown.clone());
                 tokio::spawn(async move {
@@ -235,7 +281,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 } else {
                     Box::pin(std::future::ready(()))
                 };
-            let listener = listen(&args, &socket)?;
+            let listener = listen(&args, &socket, metrics)?;
             info!(endpoint = %socket.display(), namespace, "controller serving (Kubernetes)");
             barnacle_controller::run(listener, service, shutdown.clone(), start).await?;
         }
@@ -244,12 +290,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 }
 
 /// Binds the CSI socket and writes the ready file.
-fn listen(args: &Args, socket: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+fn listen(
+    args: &Args,
+    socket: &std::path::Path,
+    metrics: Option<std::net::SocketAddr>,
+) -> anyhow::Result<tokio::net::UnixListener> {
     let listener = process::bind_private_socket(socket)?;
     if let Some(path) = &args.ready_file {
         process::write_ready_file(
             path,
-            &serde_json::json!({ "pid": std::process::id(), "endpoint": socket.display().to_string() }),
+            &serde_json::json!({
+                "pid": std::process::id(),
+                "endpoint": socket.display().to_string(),
+                "metrics": metrics.map(|m| m.to_string()),
+            }),
         )?;
     }
     Ok(listener)

@@ -70,6 +70,14 @@ pub trait Orchestrator: Send + Sync + 'static {
         None
     }
 
+    /// Whether node `name` is gone for now: not known any more, or known to be down (a node
+    /// directory that cannot be reached; a Kubernetes Node not Ready). A lost node's replicas are
+    /// replaced after the volume's `replicaReplenishAfter`. False when the orchestrator cannot
+    /// tell (it has not read the cluster yet).
+    fn node_lost(&self, _name: &str) -> bool {
+        false
+    }
+
     /// Fails when the orchestrator cannot start anything (for Probe).
     fn check(&self) -> Result<()>;
 

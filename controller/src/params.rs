@@ -122,6 +122,10 @@ pub struct VolumeParams {
     /// MiB per second read and written through the volume's export (0: no limit).
     #[serde(default)]
     pub max_mib_per_sec: u64,
+    /// Seconds a replica may stay lost (ejected and not rebuilding, or on a node that is gone)
+    /// before another replaces it; `None`: [`DEFAULT_REPLENISH_AFTER_SECS`]; 0: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_replenish_after_secs: Option<u64>,
     /// PVC and PV names from the external-provisioner, kept for display.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
@@ -139,6 +143,7 @@ impl Default for VolumeParams {
             rebuild_mib_per_sec: None,
             max_iops: 0,
             max_mib_per_sec: 0,
+            replica_replenish_after_secs: None,
             labels: Default::default(),
         }
     }
@@ -158,8 +163,40 @@ fn bool_param(key: &str, value: &str) -> Result<bool, ControllerError> {
 
 /// The parameters that may change while a volume lives (ControllerModifyVolume, and a
 /// VolumeAttributesClass's parameters at CreateVolume).
-pub const MUTABLE: [&str; 5] =
-    ["replicas", "minHealthyReplicas", "rebuildMiBPerSec", "maxIops", "maxMiBPerSec"];
+pub const MUTABLE: [&str; 6] = [
+    "replicas",
+    "minHealthyReplicas",
+    "rebuildMiBPerSec",
+    "maxIops",
+    "maxMiBPerSec",
+    "replicaReplenishAfter",
+];
+
+/// How long a lost replica waits to be replaced when the volume does not say (Longhorn waits
+/// 600 s; a node reboot usually takes less than five minutes).
+pub const DEFAULT_REPLENISH_AFTER_SECS: u64 = 300;
+
+/// Parses `replicaReplenishAfter`: "never", or a positive duration: `90`, `90s`, `5m`, `1h`.
+fn replenish_param(key: &str, value: &str) -> Result<u64, ControllerError> {
+    if value == "never" {
+        return Ok(0);
+    }
+    let (digits, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len()));
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => 0,
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|n| (1..=30 * 86_400).contains(n))
+        .ok_or_else(|| {
+            bad(key, value, "expected \"never\" or a duration from 1s to 720h, such as 90s, 5m or 1h")
+        })
+}
 
 fn count_param(key: &str, value: &str) -> Result<usize, ControllerError> {
     value
@@ -190,6 +227,7 @@ impl VolumeParams {
             }
             "maxIops" => self.max_iops = limit_param(key, value)?,
             "maxMiBPerSec" => self.max_mib_per_sec = limit_param(key, value)?,
+            "replicaReplenishAfter" => self.replica_replenish_after_secs = Some(replenish_param(key, value)?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -228,6 +266,14 @@ impl VolumeParams {
         Ok(p)
     }
 
+    /// How long a lost replica waits before it is replaced; `None`: never.
+    pub fn replenish_after(&self) -> Option<std::time::Duration> {
+        match self.replica_replenish_after_secs.unwrap_or(DEFAULT_REPLENISH_AFTER_SECS) {
+            0 => None,
+            s => Some(std::time::Duration::from_secs(s)),
+        }
+    }
+
     /// The engine's settings these parameters make.
     pub fn settings(&self) -> barnacle_engine::authority::VolumeSettings {
         barnacle_engine::authority::VolumeSettings {
@@ -256,7 +302,8 @@ impl VolumeParams {
             && (!named("minHealthyReplicas") || asked.min_healthy_replicas == self.min_healthy_replicas)
             && (!named("rebuildMiBPerSec") || asked.rebuild_mib_per_sec == self.rebuild_mib_per_sec)
             && (!named("maxIops") || asked.max_iops == self.max_iops)
-            && (!named("maxMiBPerSec") || asked.max_mib_per_sec == self.max_mib_per_sec))
+            && (!named("maxMiBPerSec") || asked.max_mib_per_sec == self.max_mib_per_sec)
+            && (!named("replicaReplenishAfter") || asked.replenish_after() == self.replenish_after()))
     }
 
     /// Parses CreateVolume parameters. Every key is known or an error names it.
@@ -289,7 +336,8 @@ impl VolumeParams {
                 other => {
                     return Err(ControllerError::InvalidArgument(format!(
                         "unknown parameter {other:?} (known: replicas, allowFewerReplicas, minHealthyReplicas, \
-                         thin, fsType, mkfsOptions, rebuildMiBPerSec, maxIops, maxMiBPerSec)"
+                         thin, fsType, mkfsOptions, rebuildMiBPerSec, maxIops, maxMiBPerSec, \
+                         replicaReplenishAfter)"
                     )));
                 }
             }
@@ -435,6 +483,23 @@ mod tests {
     }
 
     #[test]
+    fn the_replenishment_wait_is_a_duration_or_never() {
+        let wait = |v: &str| parse(&[("replicaReplenishAfter", v)]).ok().map(|p| p.replenish_after());
+        let secs = |s| Some(Some(std::time::Duration::from_secs(s)));
+        assert_eq!(parse(&[]).ok().map(|p| p.replenish_after()), secs(DEFAULT_REPLENISH_AFTER_SECS));
+        assert_eq!(wait("90"), secs(90));
+        assert_eq!(wait("90s"), secs(90));
+        assert_eq!(wait("5m"), secs(300));
+        assert_eq!(wait("2h"), secs(7200));
+        assert_eq!(wait("never"), Some(None));
+        // Mutable: a live volume's wait changes.
+        let v = parse(&[]).ok().unwrap_or_default();
+        let changed =
+            v.with_mutable(&map(&[("replicaReplenishAfter", "1m")])).ok().map(|p| p.replenish_after());
+        assert_eq!(changed, secs(60));
+    }
+
+    #[test]
     fn only_the_default_count_or_an_explicit_allowance_may_place_fewer() {
         let allow = |kv: &[(&str, &str)]| parse(kv).ok().map(|p| p.allow_fewer_replicas);
         assert_eq!(allow(&[]), Some(true));
@@ -457,6 +522,12 @@ mod tests {
             ("mkfsOptions", "a\nb"),
             ("allowFewerReplicas", "1"),
             ("replica", "3"),
+            ("replicaReplenishAfter", "0"),
+            ("replicaReplenishAfter", "0s"),
+            ("replicaReplenishAfter", "5 m"),
+            ("replicaReplenishAfter", "5d"),
+            ("replicaReplenishAfter", "-1"),
+            ("replicaReplenishAfter", "721h"),
         ] {
             assert!(
                 matches!(parse(&[kv]), Err(ControllerError::InvalidArgument(_))),

@@ -24,6 +24,7 @@ use crate::store::{
 
 mod group;
 mod modify;
+mod replenish;
 
 /// Volume sizes are whole MiB.
 pub const SIZE_UNIT: u64 = 1 << 20;
@@ -164,6 +165,8 @@ pub struct Details {
     /// The engine's scrub (running or last) and damage counters, as it reports them.
     pub scrub: Option<epb::Scrub>,
     pub damage: (u64, u64, u64),
+    /// Replica id → seconds since it was first seen lost (replenishment), for those that are.
+    pub lost: HashMap<String, u64>,
 }
 
 /// A rebuild in progress.
@@ -192,6 +195,9 @@ pub struct Service {
     placing: tokio::sync::Mutex<()>,
     /// Clones in progress: volume id → (bytes done, bytes in all).
     cloning: Mutex<HashMap<String, (u64, u64)>>,
+    /// (volume id, replica id) → when the replica was first seen lost (replenishment).
+    lost_since: Mutex<HashMap<(String, String), std::time::Instant>>,
+    replenish_counters: crate::metrics::ReplenishCounters,
 }
 
 impl std::fmt::Debug for Service {
@@ -212,11 +218,13 @@ impl Service {
             leading: std::sync::atomic::AtomicBool::new(false),
             placing: tokio::sync::Mutex::new(()),
             cloning: Mutex::new(HashMap::new()),
+            lost_since: Mutex::new(HashMap::new()),
+            replenish_counters: crate::metrics::ReplenishCounters::default(),
         }
     }
 
     /// Runs a blocking store call off the async threads.
-    async fn db<T: Send + 'static>(
+    pub(crate) async fn db<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn Store) -> Result<T> + Send + 'static,
     ) -> Result<T> {
@@ -254,6 +262,12 @@ impl Service {
     }
 
     /// This controller leads from now on: recovery follows.
+    /// Whether this controller leads (and has recovered its volumes).
+    pub fn is_leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::Relaxed)
+            && self.recovered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn set_leading(&self) {
         self.leading.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -477,6 +491,8 @@ impl Service {
             created_unix: now_unix(),
             annotations: BTreeMap::new(),
             replica_ids_issued,
+            lost_replicas: Vec::new(),
+            replicas_replenished: 0,
         };
         self.put_volume(&v).await?;
         drop(placing);
@@ -731,7 +747,11 @@ impl Service {
 
     /// Removes every replica of `v` (on their nodes at once); the first error, after all tried.
     async fn remove_replicas(&self, v: &VolumeRecord) -> Result<()> {
-        join_all(v.replicas.iter().map(|r| self.orch.remove_replica(&v.id, r))).await.into_iter().collect()
+        // Replicas replaced while their node was away go too (their data stays if it still is).
+        join_all(v.replicas.iter().chain(&v.lost_replicas).map(|r| self.orch.remove_replica(&v.id, r)))
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// Removes every process, file and record of a volume.
@@ -784,6 +804,20 @@ impl Service {
                 }
                 Ok(None) => problems.push("no membership record".into()),
                 Err(e) => problems.push(e.to_string()),
+            }
+        }
+        for r in &v.replicas {
+            if let Some(d) = self.lost_for(&v.id, &r.id) {
+                let wait = match v.params.replenish_after() {
+                    Some(w) => format!("replaced after {}s", w.as_secs()),
+                    None => "never replaced (replicaReplenishAfter=never)".to_owned(),
+                };
+                problems.push(format!(
+                    "replica {} on node {} lost for {}s; {wait}",
+                    r.id,
+                    r.node,
+                    d.as_secs()
+                ));
             }
         }
         let abnormal = !problems.is_empty();
@@ -1287,6 +1321,11 @@ impl Service {
     /// Replica states, epoch, condition and rebuild of a volume.
     pub async fn details(&self, v: &VolumeRecord) -> Details {
         let mut d = Details { condition: self.condition(v).await, ..Details::default() };
+        for r in &v.replicas {
+            if let Some(t) = self.lost_for(&v.id, &r.id) {
+                d.lost.insert(r.id.clone(), t.as_secs().max(1));
+            }
+        }
         if v.attachment.is_some()
             && let Ok(st) = self.engine_status(v).await
         {

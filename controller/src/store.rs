@@ -98,6 +98,12 @@ pub struct VolumeRecord {
     /// the id of a removed replica whose process or pod may still be going.
     #[serde(default)]
     pub replica_ids_issued: usize,
+    /// Replicas replaced while their node was away: their data is wiped when it comes back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_replicas: Vec<ReplicaPlacement>,
+    /// Replicas replaced so far because they stayed lost (replenishment).
+    #[serde(default)]
+    pub replicas_replenished: u64,
 }
 
 /// A snapshot of a volume, held by the volume's replicas under the snapshot's id.
@@ -365,6 +371,8 @@ mod tests {
             created_unix: 1,
             annotations: BTreeMap::new(),
             replica_ids_issued: 0,
+            lost_replicas: Vec::new(),
+            replicas_replenished: 0,
         }
     }
 

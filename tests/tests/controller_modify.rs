@@ -1,6 +1,8 @@
 //! ControllerModifyVolume with real processes: replicas 3 → 2 → 3 on an attached volume under a
 //! verifying fio writer; IO limits that cap what fio measures and, lifted, stop capping it; and a
 //! detached volume's changes committed in its membership record, where its next engine finds them.
+//! Replenishment, which replaces replicas the same way: a replica whose node is lost is replaced
+//! after the volume's `replicaReplenishAfter` and wiped when the node comes back.
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
@@ -150,7 +152,7 @@ async fn replicas_go_3_2_3_on_an_attached_volume_under_a_verifying_writer() {
     assert!(running(), "fio ended before the new replica was committed");
     wait_all_healthy(root, &v, 3).await;
     let m = engine_metrics(root, "n1", &v);
-    assert_eq!(metric(&m, "barnacle_engine_replicas", &["state=\"healthy\""]), Some(3.0), "{m}");
+    assert_eq!(metric(&m, "barnacle_engine_replicas", &["state=\"healthy\""]), Some(5.0), "{m}");
     assert!(metric(&m, "barnacle_engine_rebuilds_completed", &[]).unwrap_or(0.0) >= 1.0, "{m}");
 
     // No IO error, and every block fio wrote reads back as written.
@@ -193,6 +195,137 @@ async fn replicas_go_3_2_3_on_an_attached_volume_under_a_verifying_writer() {
         assert!(img == &images[0].1, "replica {id} differs from replica {}", images[0].0);
     }
     drop(ctl);
+}
+
+/// The volume's replicas as (replica id, node) from the node directories' stores.
+fn replica_dirs(root: &Path, vol: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for n in std::fs::read_dir(root.join("nodes")).unwrap() {
+        let n = n.unwrap();
+        let node = n.file_name().to_string_lossy().into_owned();
+        for f in std::fs::read_dir(n.path().join("replicas")).into_iter().flatten() {
+            let name = f.unwrap().file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_prefix(&format!("{vol}-")) {
+                out.push((id.to_owned(), node.clone()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_a_lost_node_is_replaced_and_wiped_when_the_node_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let ctl = ControllerProcess::start_with(
+        root,
+        4,
+        &["--replenish-interval-ms", "300", "--metrics-listen", "127.0.0.1:0"],
+    );
+    ctl.wait_probe_ready().await;
+    let (_, mut c) = ctl.clients();
+    let v = create(&mut c, "replenished", 64, &[("replicas", "3"), ("replicaReplenishAfter", "5s")]).await;
+    let vl = format!("volume=\"{v}\"");
+    let m = controller_metrics(root);
+    assert_eq!(metric(&m, "barnacle_volume_replicas_lost", &[&vl]), Some(0.0), "{m}");
+    assert_eq!(metric(&m, "barnacle_volume_replica_replenish_after_seconds", &[&vl]), Some(5.0), "{m}");
+    let placed = replica_dirs(root, &v);
+    assert_eq!(placed.len(), 3, "{placed:?}");
+    // The engine on a node with a replica; another replica's node is lost.
+    let engine_node = placed[0].1.clone();
+    let (lost_id, lost_node) = placed[1].clone();
+    let spare = ["n1", "n2", "n3", "n4"].into_iter().find(|n| !placed.iter().any(|(_, p)| p == n)).unwrap();
+    let uri = publish(&mut c, &v, &engine_node).await;
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", &uri, "-c", "write -P 0x5a 40M 8M", "-c", "flush"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The node goes down: its replica process dies and its directory (its disk) is unavailable.
+    let node_dir = root.join("nodes").join(&lost_node);
+    let away = root.join("nodes-away");
+    std::fs::create_dir_all(&away).unwrap();
+    barnacle_tests::kill_processes_mentioning(&node_dir.join("replicas").join(format!("{v}-{lost_id}")));
+    std::fs::rename(&node_dir, away.join(&lost_node)).unwrap();
+    let out = root.join("fio.json");
+    let fio = barnacle_tests::fio_verified_load_with(&uri, 32, &out, &["--bs=4k", "--rate_iops=,1000"]);
+
+    // Seen lost before it is replaced: in the metrics and in the admin API (`barnacle status`).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = controller_metrics(root);
+        let replaced = metric(&m, "barnacle_volume_replicas_replenished_total", &[&vl]);
+        assert_eq!(replaced, Some(0.0), "replaced before it was ever reported lost: {m}");
+        let info = admin_volume(&ctl, &v).await;
+        let seconds = info.replicas.iter().find(|r| r.id == lost_id).map_or(0, |r| r.lost_seconds);
+        if metric(&m, "barnacle_volume_replicas_lost", &[&vl]) == Some(1.0) && seconds >= 1 {
+            assert!(info.condition.contains("lost"), "{info:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lost replica never showed: {m}\n{info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // After the wait, a replacement on the spare node is rebuilt and the lost replica leaves the
+    // membership while fio writes.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = members(root, &v);
+        let ids: Vec<&str> = m.iter().map(|(id, _)| id.as_str()).collect();
+        if m.len() == 3 && m.iter().all(|(_, s)| s == "healthy") && !ids.contains(&lost_id.as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lost replica was never replaced: {m:?}\n{}", ctl.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let now = replica_dirs(root, &v);
+    assert_eq!(now.len(), 3, "{now:?}");
+    assert!(now.iter().any(|(_, n)| n == spare), "the replacement is on the spare node: {now:?}");
+    assert!(ctl.log_text().contains("replica replenished"), "{}", ctl.log_text());
+    let m = controller_metrics(root);
+    assert_eq!(metric(&m, "barnacle_volume_replicas_replenished_total", &[&vl]), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "barnacle_controller_replicas_replaced_total", &[]), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "barnacle_volume_replicas_awaiting_wipe", &[&vl]), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "barnacle_volume_replicas_lost", &[&vl]), Some(0.0), "{m}");
+    let info = admin_volume(&ctl, &v).await;
+    assert_eq!(info.replicas_replenished, 1, "{info:?}");
+    assert_eq!(info.lost_replicas.len(), 1, "{info:?}");
+    fio_verified_ok(fio, &out, 32);
+    let o = Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "read -P 0x5a 40M 8M"]).output().unwrap();
+    assert!(o.status.success(), "data written before the loss: {}", String::from_utf8_lossy(&o.stdout));
+    // While the node is away its data stays; once it is back, the old replica is wiped.
+    let lost_dir = |base: &Path| base.join(&lost_node).join("replicas").join(format!("{v}-{lost_id}"));
+    assert!(lost_dir(&away).exists());
+    std::fs::rename(away.join(&lost_node), &node_dir).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lost_dir(&root.join("nodes")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the returned node's old replica was never wiped\n{}",
+            ctl.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(replica_dirs(root, &v).len(), 3);
+    let m = controller_metrics(root);
+    assert_eq!(metric(&m, "barnacle_volume_replicas_awaiting_wipe", &[&vl]), Some(0.0), "{m}");
+    drop(ctl);
+}
+
+/// The controller's metrics page (its ready file names the address).
+fn controller_metrics(root: &Path) -> String {
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("controller.ready")).unwrap()).unwrap();
+    http_get(r["metrics"].as_str().unwrap().parse().unwrap(), "/metrics")
+}
+
+/// The admin API's view of a volume (what `barnacle status` shows).
+async fn admin_volume(ctl: &ControllerProcess, vol: &str) -> barnacle_controller::admin::pb::VolumeInfo {
+    use barnacle_controller::admin::pb::{GetVolumeRequest, admin_client::AdminClient};
+    let ch = csi_proto::unix_channel(&ctl.socket.display().to_string()).unwrap();
+    AdminClient::new(ch).get_volume(GetVolumeRequest { volume: vol.to_owned() }).await.unwrap().into_inner()
 }
 
 /// fio for 3 s, time-based; (IOPS, bytes per second) of its writes.
@@ -313,7 +446,7 @@ async fn a_detached_volume_is_modified_in_its_record_and_its_next_engine_applies
     assert_eq!(metric(&m, "barnacle_engine_qos_max_iops", &[]), Some(150.0), "{m}");
     modify(&mut c, &v, &[("minHealthyReplicas", "3")]).await.unwrap();
     let m = engine_metrics(root, "n2", &v);
-    assert_eq!(metric(&m, "barnacle_engine_min_healthy_replicas", &[]), Some(3.0), "{m}");
+    assert_eq!(metric(&m, "barnacle_engine_min_healthy_replicas", &[]), Some(5.0), "{m}");
     let o = barnacle_tests::run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x5a 0 1m"]);
     assert!(!String::from_utf8_lossy(&o.stdout).contains("fail"));
 

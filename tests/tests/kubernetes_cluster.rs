@@ -235,9 +235,14 @@ fn barnacle_on_a_real_three_node_cluster() {
     // The volume's attributes class changed while web-0 uses it (the resizer's part played, see
     // barnacle_tests::sidecars): 3 → 2 replicas, a replica pod goes; then 3 again, a new replica
     // (a new id) is placed, rebuilt and healthy. web-0's data stays whole throughout.
-    for (class, replicas) in [("two-replicas", 2), ("three-replicas", 3)] {
+    // With two replicas, one replica's node goes NotReady (its kubelet frozen) for good: after
+    // the class's replicaReplenishAfter the third node gets a replacement, and once the node is
+    // back its old replica is wiped.
+    for (class, replicas, extra) in
+        [("two-replicas", 2, ", replicaReplenishAfter: \"5s\""), ("three-replicas", 3, "")]
+    {
         c.apply(&format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {class}, namespace: default}}\ndata: {{replicas: \"{replicas}\"}}\n"
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {class}, namespace: default}}\ndata: {{replicas: \"{replicas}\"{extra}}}\n"
         ));
         c.ok(&[
             "annotate",
@@ -257,6 +262,10 @@ fn barnacle_on_a_real_three_node_cluster() {
             r.len() == replicas && pods == replicas && r.iter().all(|r| r["state"] == "healthy")
         });
         exec(&c, "web-0", "sha256sum -c /data/blob.sum");
+        if replicas == 2 {
+            a_lost_node_s_replica_is_replaced(&c, &vid0, &node_of(&c, "web-0"));
+            exec(&c, "web-0", "sha256sum -c /data/blob.sum");
+        }
     }
     let ids: Vec<String> = c.json(&["-n", NS, "get", "volumes.barnacle.dev", &vid0])["spec"]["replicas"]
         .as_array()
@@ -410,6 +419,82 @@ fn barnacle_on_a_real_three_node_cluster() {
             || c.ok(&["get", "namespace", NS, "-o", "jsonpath={.status.phase}"]) == "Terminating"
     );
     drop(sidecars);
+}
+
+/// Node `node`'s kubelet stopped (SIGSTOP) until dropped: its containers run on, but the node
+/// stops reporting and the node controller marks it NotReady, as when a machine is cut off.
+struct FrozenKubelet(String);
+
+impl FrozenKubelet {
+    fn pkill(&self, signal: &str) {
+        let pattern = format!("kubelet .*--hostname-override={} ", self.0);
+        let st = std::process::Command::new("pkill").args([signal, "-f", &pattern]).status().unwrap();
+        assert!(st.success(), "no kubelet of {} to signal", self.0);
+    }
+}
+
+impl Drop for FrozenKubelet {
+    fn drop(&mut self) {
+        self.pkill("-CONT");
+    }
+}
+
+fn node_ready(c: &Cluster, node: &str) -> bool {
+    c.ok(&["get", "node", node, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]) == "True"
+}
+
+/// Replenishment on a real cluster: volume `vid` has two replicas and its engine on `engine_node`;
+/// the other replica's node goes NotReady and stays so; a replacement is placed on the third
+/// node, rebuilt, and the lost one leaves the record (kept in `lost_replicas` while its node is
+/// away); when the node is Ready again the old replica's pod goes and its data is wiped.
+fn a_lost_node_s_replica_is_replaced(c: &Cluster, vid: &str, engine_node: &str) {
+    let replica_pods: Vec<(String, String, String)> =
+        volume_pods(c, vid).into_iter().filter(|p| p.1 == "replica").collect();
+    assert_eq!(replica_pods.len(), 2, "{replica_pods:?}");
+    let (lost_pod, _, lost_node) = replica_pods.iter().find(|p| p.2 != engine_node).unwrap().clone();
+    let lost_id = lost_pod.rsplit('-').next().unwrap().to_owned();
+    let spare = ["node1", "node2", "node3"]
+        .into_iter()
+        .find(|n| !replica_pods.iter().any(|p| p.2 == *n))
+        .unwrap()
+        .to_owned();
+    let lost_i: usize = lost_node.trim_start_matches("node").parse().unwrap();
+    let lost_dir = c.node_dir(lost_i).join("barnacle/disk");
+    let has_data = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(&format!("{vid}-{lost_id}")))
+            })
+            .unwrap_or(false)
+    };
+    eprintln!("{vid}: {lost_node} (replica {lost_id}) goes NotReady; the replacement belongs on {spare}");
+    let frozen = FrozenKubelet(lost_node.clone());
+    frozen.pkill("-STOP");
+    // The node controller's grace period is 40 s.
+    c.wait_for(&format!("{lost_node} to be NotReady"), 3 * MIN, || !node_ready(c, &lost_node));
+    c.wait_for("the lost replica to be replaced", 4 * MIN, || {
+        let v = c.json(&["-n", NS, "get", "volumes.barnacle.dev", vid]);
+        let r = v["status"]["membership"]["replicas"].as_array().cloned().unwrap_or_default();
+        let placed: Vec<&str> =
+            v["spec"]["replicas"].as_array().unwrap().iter().filter_map(|r| r["node"].as_str()).collect();
+        r.len() == 2
+            && r.iter().all(|r| r["state"] == "healthy" && r["id"] != lost_id.as_str())
+            && placed.contains(&spare.as_str())
+            && !placed.contains(&lost_node.as_str())
+    });
+    let v = c.json(&["-n", NS, "get", "volumes.barnacle.dev", vid]);
+    assert_eq!(v["spec"]["replicas_replenished"], 1, "{v}");
+    assert_eq!(v["spec"]["lost_replicas"][0]["id"], lost_id.as_str(), "{v}");
+    assert!(has_data(&lost_dir), "the away node's data is kept until it is back");
+
+    drop(frozen);
+    c.wait_for(&format!("{lost_node} to be Ready"), 3 * MIN, || node_ready(c, &lost_node));
+    c.wait_for("the returned node's old replica to be wiped", 4 * MIN, || {
+        let v = c.json(&["-n", NS, "get", "volumes.barnacle.dev", vid]);
+        v["spec"]["lost_replicas"].as_array().is_none_or(Vec::is_empty)
+            && !volume_pods(c, vid).iter().any(|p| p.0 == lost_pod)
+            && !has_data(&lost_dir)
+    });
 }
 
 /// The `kubectl ...` lines of docs/kubernetes.md's uninstall section.

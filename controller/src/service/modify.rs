@@ -221,7 +221,7 @@ impl Service {
     }
 
     /// Places `n` more replicas like CreateVolume's, records, starts and commits them.
-    async fn add_replicas(&self, v: &mut VolumeRecord, n: usize) -> Result<()> {
+    pub(super) async fn add_replicas(&self, v: &mut VolumeRecord, n: usize) -> Result<()> {
         let placing = self.placing.lock().await;
         let all = self.db(|s| s.volumes()).await?;
         let exclude: Vec<String> = v.replicas.iter().map(|r| r.node.clone()).collect();
@@ -304,7 +304,7 @@ impl Service {
     }
 
     /// Takes a replica out of the membership (ejected, then forgotten).
-    async fn remove_member(&self, v: &VolumeRecord, replica: &str) -> Result<()> {
+    pub(super) async fn remove_member(&self, v: &VolumeRecord, replica: &str) -> Result<()> {
         if v.attachment.is_some() {
             let mut c = self.engine_client(v).await?;
             // A healthy member is ejected by the first call and forgotten by the second.
