@@ -152,7 +152,7 @@ async fn replicas_go_3_2_3_on_an_attached_volume_under_a_verifying_writer() {
     assert!(running(), "fio ended before the new replica was committed");
     wait_all_healthy(root, &v, 3).await;
     let m = engine_metrics(root, "n1", &v);
-    assert_eq!(metric(&m, "barnacle_engine_replicas", &["state=\"healthy\""]), Some(5.0), "{m}");
+    assert_eq!(metric(&m, "barnacle_engine_replicas", &["state=\"healthy\""]), Some(3.0), "{m}");
     assert!(metric(&m, "barnacle_engine_rebuilds_completed", &[]).unwrap_or(0.0) >= 1.0, "{m}");
 
     // No IO error, and every block fio wrote reads back as written.
@@ -446,7 +446,7 @@ async fn a_detached_volume_is_modified_in_its_record_and_its_next_engine_applies
     assert_eq!(metric(&m, "barnacle_engine_qos_max_iops", &[]), Some(150.0), "{m}");
     modify(&mut c, &v, &[("minHealthyReplicas", "3")]).await.unwrap();
     let m = engine_metrics(root, "n2", &v);
-    assert_eq!(metric(&m, "barnacle_engine_min_healthy_replicas", &[]), Some(5.0), "{m}");
+    assert_eq!(metric(&m, "barnacle_engine_min_healthy_replicas", &[]), Some(3.0), "{m}");
     let o = barnacle_tests::run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x5a 0 1m"]);
     assert!(!String::from_utf8_lossy(&o.stdout).contains("fail"));
 
