@@ -22,6 +22,7 @@ mod alloc;
 mod faults;
 mod intent;
 mod keys;
+mod mapcache;
 mod sums;
 mod sys;
 
@@ -43,6 +44,7 @@ pub use self::faults::{FaultOp, FaultSpec};
 pub use self::intent::INTENT_REGION;
 use self::intent::Intent;
 use self::keys::{Config, EpochRecord, Head, Mapping, SnapshotRecord};
+use self::mapcache::MapCache;
 use self::sums::{Sums, Verdict};
 pub use self::sys::CopyMode;
 use crate::error::{Result, StoreError};
@@ -242,6 +244,8 @@ pub struct Store {
     on_device: bool,
     gate: RwLock<State>,
     stripes: Box<[RwLock<()>]>,
+    /// Recent map lookups (see [`mapcache`] for the locking they rely on).
+    map_cache: MapCache,
     alloc: Mutex<AllocState>,
     data_sync: SyncGroup,
     /// Snapshots (by generation) a clone is reading; they cannot be deleted meanwhile.
@@ -587,6 +591,7 @@ impl Store {
             on_device,
             gate: RwLock::new(State { head, snaps, by_name }),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            map_cache: MapCache::new(STRIPES),
             alloc: Mutex::new(AllocState { alloc, file_clusters }),
             data_sync: SyncGroup::default(),
             pins: Mutex::new(HashMap::new()),
@@ -787,7 +792,18 @@ impl Store {
     // ----- map ----------------------------------------------------------------------------
 
     /// The entry a reader at generation `reader` sees for `cluster`: (its generation, mapping).
+    /// Answered from [`MapCache`] when it can be; a head reader must hold the cluster's stripe
+    /// lock until it has used the answer.
     fn lookup(&self, cluster: u64, reader: u64) -> Result<Option<(u64, Mapping)>> {
+        if let Some(answer) = self.map_cache.get(cluster, reader) {
+            return Ok(answer);
+        }
+        let answer = self.lookup_db(cluster, reader)?;
+        self.map_cache.put(cluster, reader, answer);
+        Ok(answer)
+    }
+
+    fn lookup_db(&self, cluster: u64, reader: u64) -> Result<Option<(u64, Mapping)>> {
         // Most lookups find an entry written by the reader's own generation (the head's, when no
         // snapshot came since): a point get, filtered by the bloom filters, answers those far
         // more cheaply than an iterator merging the memtable and every table file. An entry at
@@ -914,6 +930,7 @@ impl Store {
             {
                 keys::delete_map(&mut b, c.cluster, g);
             }
+            self.map_cache.forget(c.cluster);
             self.db.write_opt(b, &self.nosync)?;
             Ok(())
         })();
@@ -1164,6 +1181,7 @@ impl Store {
                     } else {
                         keys::delete_map(&mut b, c.cluster, g);
                     }
+                    self.map_cache.forget(c.cluster);
                     self.db.write_opt(b, &self.nosync)?;
                     self.alloc.lock().alloc.free_after_sync(p);
                     Ok(())
@@ -1183,6 +1201,7 @@ impl Store {
                 if whole {
                     let mut b = WriteBatch::default();
                     keys::put_map(&mut b, c.cluster, h, Mapping::Zero);
+                    self.map_cache.forget(c.cluster);
                     self.db.write_opt(b, &self.nosync)?;
                     Ok(())
                 } else {
@@ -1302,6 +1321,7 @@ impl Store {
         let mut b = WriteBatch::default();
         b.put(keys::snap_key(rec.generation), to_json(&rec));
         b.put(keys::HEAD, to_json(&head));
+        self.map_cache.clear();
         if let Err(e) = self.db.write_opt(b, &self.sync) {
             self.requeue(pending);
             return Err(e.into());
@@ -1354,6 +1374,7 @@ impl Store {
             self.requeue(pending);
             return Err(e);
         }
+        self.map_cache.clear();
         if let Err(e) = self.db.write_opt(b, &self.sync) {
             self.requeue(pending);
             return Err(e.into());
@@ -1446,6 +1467,7 @@ impl Store {
         let head = Head { size: new_size, generation: st.head.generation };
         let mut b = WriteBatch::default();
         b.put(keys::HEAD, to_json(&head));
+        self.map_cache.clear();
         self.db.write_opt(b, &self.sync)?;
         info!(volume_id = %self.config.volume_id, from = st.head.size, to = new_size, "resized");
         st.head = head;
