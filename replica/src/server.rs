@@ -2,9 +2,9 @@
 //!
 //! Every connection starts with a hello carrying the volume id, the per-volume token, the client's
 //! engine id and its epoch; a wrong token or an epoch older than the replica's is refused, logged,
-//! and the connection closed. Requests are then read as fast as the in-flight limit allows, each
-//! runs as its own task (the store work on the blocking pool), and replies go back in completion
-//! order. Data operations run only for a connection whose epoch and engine are the ones the replica
+//! and the connection closed. Requests are then read as fast as the in-flight limit allows and
+//! driven by the connection's task (store work that may wait on the blocking pool), and replies
+//! go back in completion order. Data operations run only for a connection whose epoch and engine are the ones the replica
 //! accepted through its last fence (DESIGN rule 3); a fence persists the new epoch, then closes every
 //! older-epoch connection and waits for its in-flight requests before it answers.
 
@@ -39,6 +39,8 @@ const PRE_AUTH_MAX_FRAME: u32 = 4096;
 const MAX_CONNECTIONS: usize = 256;
 /// Data per reply frame of a READ_ALLOCATED stream.
 const STREAM_CHUNK: u64 = 1 << 20;
+/// Stream pieces queued for a connection's writer (4 MiB at most).
+const STREAM_QUEUE: usize = 4;
 /// Reads and writes up to this size may be served on the async threads (see `handle_request`):
 /// moving them to the blocking pool costs two thread hand-offs, most of a small request's latency
 /// and, measured, a quarter of the bandwidth of 128 KiB writes; a page-cache copy of 256 KiB takes
@@ -550,68 +552,151 @@ async fn handle_conn(replica: Arc<Replica>, stream: Accepted, peer: String, shut
     replica.conns.lock().insert(conn.id, conn.clone());
     debug!(epoch = authority.0, engine = %authority.1, "connection accepted");
 
-    // Replies queue here; a closed connection (cancelled by a fence or delete) stops writing at
-    // once and drops the queue, so request tasks never wait on a peer that stopped reading.
-    let (tx, mut rx) = mpsc::channel::<Reply>(replica.cfg.max_in_flight.max(1));
-    let cancel = conn.cancel.clone();
-    let write_task = tokio::spawn(
-        async move {
-            let write = async {
-                while let Some(r) = rx.recv().await {
-                    writer.feed(r).await?;
-                    while let Ok(r) = rx.try_recv() {
-                        writer.feed(r).await?;
-                    }
-                    writer.flush().await?;
-                }
-                Ok::<(), wire::WireError>(())
-            };
-            tokio::select! {
-                () = cancel.cancelled() => {}
-                _ = write => {}
-            }
-        }
-        .in_current_span(),
-    );
-
-    let limit = Arc::new(Semaphore::new(replica.cfg.max_in_flight.max(1)));
-    loop {
-        let next = tokio::select! {
-            () = conn.cancel.cancelled() => break,
-            () = shutdown.cancelled() => break,
-            n = tokio::time::timeout(replica.cfg.idle_timeout, reader.next()) => n,
-        };
-        let req = match next {
-            Err(_) => {
-                warn!("no request or heartbeat within the idle timeout; closing");
-                break;
-            }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                warn!(error = %e, "protocol error; closing");
-                break;
-            }
-            Ok(Some(Ok(req))) => req,
-        };
-        let Ok(permit) = limit.clone().acquire_owned().await else { break };
-        let (r, c, t) = (replica.clone(), conn.clone(), tx.clone());
-        conn.tracker.spawn(
-            async move {
-                handle_request(&r, &c, req, &t).await;
-                drop(permit);
-            }
-            .in_current_span(),
-        );
-    }
+    serve_requests(&replica, &conn, reader, writer, &shutdown).await;
     conn.tracker.close();
     conn.tracker.wait().await;
-    drop(tx);
-    let _ = write_task.await;
     if conn.cancel.is_cancelled() {
         debug!("connection closed by a fence or delete");
     }
     replica.conns.lock().remove(&conn.id);
     debug!("connection closed");
+}
+
+/// The request loop of an authenticated connection. One task reads requests, drives every request
+/// in flight (a `FuturesUnordered`, each tracked by the connection's tracker so a fence can wait for
+/// them) and writes their replies as they complete: a small request costs no task spawn and no
+/// hand-off to a writer task, only the wake-up of this task by the socket. Replies of a streamed
+/// request's pieces (READ_ALLOCATED) come through a channel this task drains.
+///
+/// Writing never blocks a fence: a cancelled connection (fenced or deleted) stops writing at once.
+/// A request once read runs to completion whatever happens to the connection; after the loop
+/// ends, the requests still in flight are driven to the end (their replies written only while
+/// the connection still takes them).
+async fn serve_requests(
+    replica: &Arc<Replica>,
+    conn: &Arc<Conn>,
+    mut reader: FramedRead<Rd, ServerCodec>,
+    mut writer: FramedWrite<Wr, ServerCodec>,
+    shutdown: &CancellationToken,
+) {
+    use futures::stream::FuturesUnordered;
+    let max_in_flight = replica.cfg.max_in_flight.max(1);
+    let (stx, mut srx) = mpsc::channel::<Reply>(STREAM_QUEUE);
+    let mut in_flight = FuturesUnordered::new();
+    let cancelled = conn.cancel.clone().cancelled_owned();
+    let stopped = shutdown.clone().cancelled_owned();
+    tokio::pin!(cancelled, stopped);
+    // The idle timer is pushed back lazily: a frame only records when it came, and the timer,
+    // when it fires, is re-armed from there (no timer-wheel work per request).
+    let idle = replica.cfg.idle_timeout;
+    let mut last_frame = tokio::time::Instant::now();
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    let mut writable = true;
+    loop {
+        let can_read = in_flight.len() < max_in_flight;
+        // What to write: a completed request's reply, or a stream piece.
+        let first = tokio::select! {
+            biased;
+            () = &mut cancelled => break,
+            () = &mut stopped => break,
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => (reply, false),
+            Some(piece) = srx.recv() => (piece, true),
+            () = &mut timer => {
+                let due = last_frame + idle;
+                if tokio::time::Instant::now() >= due {
+                    warn!("no request or heartbeat within the idle timeout; closing");
+                    break;
+                }
+                timer.as_mut().reset(due);
+                continue;
+            }
+            next = reader.next(), if can_read => {
+                let req = match next {
+                    None => break,
+                    Some(Err(e)) => {
+                        warn!(error = %e, "protocol error; closing");
+                        break;
+                    }
+                    Some(Ok(req)) => req,
+                };
+                last_frame = tokio::time::Instant::now();
+                in_flight.push(conn.tracker.track_future(handle_request(replica, conn, req, &stx)));
+                continue;
+            }
+        };
+        let written = tokio::select! {
+            biased;
+            () = &mut cancelled => break,
+            () = &mut stopped => break,
+            w = write_ready(&mut writer, first, &mut in_flight, &mut srx) => w,
+        };
+        if let Err(e) = written {
+            debug!(error = %e, "writing replies failed; closing");
+            writable = false;
+            break;
+        }
+    }
+    // Everything read runs to its end. A connection closed by a fence or delete gets no more
+    // replies. Stream pieces already queued go out first; a stream still running then fails at
+    // its next piece, so no stream ends with a success reply after a lost piece.
+    writable &= !conn.cancel.is_cancelled();
+    while writable && let Ok(piece) = srx.try_recv() {
+        writable = tokio::select! {
+            biased;
+            () = conn.cancel.cancelled() => false,
+            r = writer.feed(piece) => r.is_ok(),
+        };
+    }
+    drop(srx);
+    while let Some(reply) = in_flight.next().await {
+        if writable {
+            // A peer that stopped reading must not keep the rest from finishing, nor a fence
+            // waiting for them.
+            writable = tokio::select! {
+                biased;
+                () = conn.cancel.cancelled() => false,
+                r = writer.feed(reply) => r.is_ok(),
+            };
+        }
+    }
+    if writable {
+        tokio::select! {
+            () = conn.cancel.cancelled() => {}
+            _ = writer.flush() => {}
+        }
+    }
+}
+
+/// Writes `first` (a reply, or a stream piece when `.1`) and everything else ready now, in one
+/// flush: the replies of requests that completed meanwhile and the queued stream pieces. A
+/// stream's pieces are all queued before its final reply completes, and go out before it.
+async fn write_ready<S>(
+    writer: &mut FramedWrite<Wr, ServerCodec>,
+    (first, piece): (Reply, bool),
+    in_flight: &mut S,
+    pieces: &mut mpsc::Receiver<Reply>,
+) -> Result<(), wire::WireError>
+where
+    S: futures::Stream<Item = Reply> + Unpin,
+{
+    use futures::FutureExt;
+    if !piece {
+        while let Ok(p) = pieces.try_recv() {
+            writer.feed(p).await?;
+        }
+    }
+    writer.feed(first).await?;
+    loop {
+        while let Ok(p) = pieces.try_recv() {
+            writer.feed(p).await?;
+        }
+        match in_flight.next().now_or_never() {
+            Some(Some(r)) => writer.feed(r).await?,
+            _ => break,
+        }
+    }
+    writer.flush().await
 }
 
 /// Reads the head into `buf`: on this thread when the page cache holds it all and it is small
@@ -680,14 +765,13 @@ fn json<T: serde::Serialize>(v: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
 
-async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc::Sender<Reply>) {
+/// Runs one request; returns its (final) reply. A streamed request sends its pieces through `tx`
+/// first.
+async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc::Sender<Reply>) -> Reply {
     let id = req.id;
     let store = match replica.store() {
         Ok(s) => s,
-        Err(e) => {
-            let _ = tx.send(Reply::error(id, Status::NoStore, e.to_string())).await;
-            return;
-        }
+        Err(e) => return Reply::error(id, Status::NoStore, e.to_string()),
     };
     // Operations any authenticated connection may make.
     let reply = match req.op {
@@ -729,14 +813,12 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
         _ => None,
     };
     if let Some(r) = reply {
-        let _ = tx.send(r).await;
-        return;
+        return r;
     }
     // Everything else needs the authority of the replica's current epoch.
     let refused = authorize(&store, conn);
     if let Some((status, msg)) = refused {
-        let _ = tx.send(Reply::error(id, status, msg)).await;
-        return;
+        return Reply::error(id, status, msg);
     }
     let io_len = |len: u32| {
         if len > wire::MAX_IO {
@@ -858,7 +940,7 @@ async fn handle_request(replica: &Replica, conn: &Conn, req: Request, tx: &mpsc:
     if let Err(e) = &r {
         debug!(request = id, error = %e, "request failed");
     }
-    let _ = tx.send(store_reply(id, r)).await;
+    store_reply(id, r)
 }
 
 /// Sends the allocated data of the head or a snapshot in `[offset, offset+len)` (len 0: to the
