@@ -11,12 +11,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
-use futures::{SinkExt, StreamExt};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
 use parking_lot::Mutex;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use uuid::Uuid;
@@ -132,7 +136,7 @@ pub struct ReplicaClient {
     out: mpsc::Sender<Request>,
     /// The connection's write half. A caller that finds it free and nothing queued writes its
     /// request itself; otherwise the request queues for the writer task, which batches.
-    writer: Arc<tokio::sync::Mutex<FramedWrite<Box<dyn tokio::io::AsyncWrite + Send + Unpin>, ClientCodec>>>,
+    writer: Arc<tokio::sync::Mutex<FrameWriter>>,
     next_id: AtomicU64,
     timeout: Duration,
     hello: HelloReply,
@@ -207,7 +211,7 @@ impl ReplicaClient {
         area: Option<Arc<Area>>,
     ) -> Result<ReplicaClient, ClientError> {
         let mut reader = FramedRead::new(rd, ClientCodec::default());
-        let mut writer = FramedWrite::new(wr, ClientCodec::default());
+        let mut writer = FrameWriter::new(wr);
         let hello = Hello {
             version: wire::VERSION,
             volume_id: cfg.volume_id.clone(),
@@ -241,9 +245,9 @@ impl ReplicaClient {
             let write = async {
                 while let Some(req) = out_rx.recv().await {
                     let mut writer = queue_writer.lock().await;
-                    writer.feed(req).await?;
+                    writer.feed(req)?;
                     while let Ok(req) = out_rx.try_recv() {
-                        writer.feed(req).await?;
+                        writer.feed(req)?;
                     }
                     writer.flush().await?;
                 }
@@ -611,6 +615,81 @@ impl ReplicaClient {
             }
         });
         Ok(orx)
+    }
+}
+
+/// Write data at least this large goes out from its own buffer in a vectored write; smaller data
+/// is copied into the frame (one buffer to write instead of two).
+const VECTORED_MIN: usize = 16 * 1024;
+/// Buffers one vectored write takes at most (the kernel's limit is 1024).
+const MAX_IOV: usize = 64;
+
+/// Writes request frames to the connection. A write's data is not copied into a frame buffer:
+/// frame heads are encoded into one buffer, and heads and data go out together in vectored
+/// writes, from where the data lies (on the engine, where the NBD server read it). Measured: the
+/// copy was 8 % of a three-replica volume's CPU on 128 KiB writes (docs/performance.md).
+///
+/// What `flush` has not written yet stays queued, so a flush cut short (a timeout) leaves no
+/// partial frame behind: the next flush goes on from there.
+struct FrameWriter {
+    io: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    codec: ClientCodec,
+    /// Encoded heads (and small data) not yet moved to `parts`.
+    buf: BytesMut,
+    /// What is to be written, in order.
+    parts: VecDeque<Bytes>,
+}
+
+impl FrameWriter {
+    fn new(io: Box<dyn tokio::io::AsyncWrite + Send + Unpin>) -> FrameWriter {
+        FrameWriter { io, codec: ClientCodec::default(), buf: BytesMut::new(), parts: VecDeque::new() }
+    }
+
+    /// Queues a request; nothing is written until [`FrameWriter::flush`].
+    fn feed(&mut self, req: Request) -> Result<(), wire::WireError> {
+        if let Some(data) = self.codec.encode_head(req, &mut self.buf)? {
+            if data.len() < VECTORED_MIN {
+                self.buf.extend_from_slice(&data);
+            } else {
+                self.parts.push_back(self.buf.split().freeze());
+                self.parts.push_back(data);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes everything queued.
+    async fn flush(&mut self) -> Result<(), wire::WireError> {
+        if !self.buf.is_empty() {
+            self.parts.push_back(self.buf.split().freeze());
+        }
+        while !self.parts.is_empty() {
+            let mut n = {
+                let iov: Vec<IoSlice<'_>> =
+                    self.parts.iter().take(MAX_IOV).map(|b| IoSlice::new(b)).collect();
+                self.io.write_vectored(&iov).await?
+            };
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            while n > 0 {
+                let Some(front) = self.parts.front_mut() else { break };
+                if front.len() <= n {
+                    n -= front.len();
+                    self.parts.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    async fn send(&mut self, req: Request) -> Result<(), wire::WireError> {
+        self.feed(req)?;
+        self.flush().await
     }
 }
 

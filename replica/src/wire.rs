@@ -505,6 +505,18 @@ impl Encoder<Request> for ClientCodec {
     type Error = WireError;
 
     fn encode(&mut self, r: Request, dst: &mut BytesMut) -> Result<(), WireError> {
+        if let Some(b) = self.encode_head(r, dst)? {
+            dst.put_slice(&b);
+        }
+        Ok(())
+    }
+}
+
+impl ClientCodec {
+    /// Encodes `r` into `dst` except for a write's data, which it returns: the frame is `dst`'s
+    /// new bytes followed by those. A writer can then send the data from where it lies (a
+    /// vectored write) instead of copying it into the frame.
+    pub fn encode_head(&mut self, r: Request, dst: &mut BytesMut) -> Result<Option<Bytes>, WireError> {
         use opcode::*;
         let (code, flags, offset, length): (u8, u8, u64, u32);
         let mut payload = BytesMut::new();
@@ -596,10 +608,7 @@ impl Encoder<Request> for ClientCodec {
         dst.put_u64(offset);
         dst.put_u32(length);
         dst.put_slice(&payload);
-        if let Some(b) = bulk {
-            dst.put_slice(&b);
-        }
-        Ok(())
+        Ok(bulk)
     }
 }
 
