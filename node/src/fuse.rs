@@ -97,6 +97,16 @@ impl Filesystem for DiskFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_background(64);
+        // Without it the kernel waits for each asynchronous direct IO on the file before taking
+        // the next: a loop device in direct-IO mode then has one request in flight whatever the
+        // queue depth above it (measured: 4 KiB random IO at QD32 at 0.4 × nbdfuse, which asks
+        // for it through libfuse's defaults; bench/fs.sh, docs/performance.md).
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {
+            warn!(
+                ?missing,
+                "the kernel does not offer asynchronous direct IO over FUSE: the loop device will do one request at a time"
+            );
+        }
         Ok(())
     }
 
