@@ -3,9 +3,14 @@
 # file on the same disk, Barnacle with 1 replica and Barnacle with 3 replicas, all in one run, with
 # each figure's ratio to the raw file and to qemu-nbd on the same transport (TCP, or a unix socket
 # as a cluster attaches), each measurement after a sync. Then the idle cost of an engine with three
-# replicas (CPU and resident memory). Results: docs/performance.md.
+# replicas (CPU and resident memory). For every measurement it also counts the CPU time (user +
+# system, from /proc/PID/stat) of the processes serving the target: qemu-nbd, or the engine and its
+# replicas, and reports it per IO. Results: docs/performance.md.
 #
 #   bench/engine.sh            # RUNTIME=5 seconds per run, REPEAT=3 rounds, SIZE_MIB=1024, DIR=/var/tmp
+#   TARGETS="qemu-nbd barnacle-1 barnacle-3" bench/engine.sh   # a subset (raw and qemu-nbd are always run)
+#   BASE_BIN=/path/to/older/release bench/engine.sh   # adds barnacle-1-base and barnacle-3-base, run
+#                                                       # from those binaries: before/after in one run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/barnacle-target}"
@@ -13,7 +18,7 @@ RUNTIME="${RUNTIME:-5}"
 REPEAT="${REPEAT:-3}"
 SIZE_MIB="${SIZE_MIB:-1024}"
 IDLE_SECONDS="${IDLE_SECONDS:-10}"
-BIN="$CARGO_TARGET_DIR/release"
+BIN="${BIN:-$CARGO_TARGET_DIR/release}"
 
 cargo build --release --bins -p barnacle-replica -p barnacle-engine >&2
 work=$(mktemp -d "${DIR:-/var/tmp}/barnacle-bench.XXXXXX")
@@ -38,9 +43,9 @@ field() { # ready-file key
 
 start_replica() { # dir; sets $addr to its TCP data address and $local to its unix socket
   local dir=$1
-  "$BIN/barnacle-replica" --dir "$dir" --volume-id bench --token-file "$work/token" \
+  "${bin:-$BIN}/barnacle-replica" --dir "$dir" --volume-id bench --token-file "$work/token" \
     --size "${SIZE_MIB}MiB" --listen-unix "$dir.sock" --ready-file "$dir.ready" >/dev/null 2>>"$work/log" &
-  pids+=($!)
+  pids+=($!); last=$!
   wait_ready "$dir.ready"
   addr=$(field "$dir.ready" data)
   local="unix:$dir.sock"
@@ -51,10 +56,10 @@ start_engine() { # name replica-addr...; sets $uri to its NBD URI
   local args=() i=0
   for a in "$@"; do args+=(--replica "r$i=$a"); i=$((i + 1)); done
   mkdir -p "$work/$name"
-  "$BIN/barnacle-engine" --volume-id bench --token-file "$work/token" "${args[@]}" \
+  "${bin:-$BIN}/barnacle-engine" --volume-id bench --token-file "$work/token" "${args[@]}" \
     --state-dir "$work/$name" --nbd-listen 127.0.0.1:0 --nbd-socket "$work/$name.sock" \
     --ready-file "$work/$name/ready" >/dev/null 2>>"$work/log" &
-  pids+=($!)
+  pids+=($!); last=$!
   wait_ready "$work/$name/ready"
   uri="nbd://$(field "$work/$name/ready" nbd)/bench"
 }
@@ -62,21 +67,32 @@ start_engine() { # name replica-addr...; sets $uri to its NBD URI
 # Targets.
 truncate -s "${SIZE_MIB}M" "$work/raw.img"
 truncate -s "${SIZE_MIB}M" "$work/qemu.img"
+declare -A procs=()
 qemu-nbd -f raw -x bench -b 127.0.0.1 -p 10899 -t --aio=threads "$work/qemu.img" >/dev/null 2>>"$work/log" &
-pids+=($!)
+pids+=($!); procs[qemu-nbd]=$!
 truncate -s "${SIZE_MIB}M" "$work/qemu-unix.img"
 qemu-nbd -f raw -x bench -k "$work/qemu.sock" -t --aio=threads "$work/qemu-unix.img" >/dev/null 2>>"$work/log" &
-pids+=($!)
+pids+=($!); procs[qemu-nbd-unix]=$!
 sleep 1
 # Barnacle as in a cluster: the engine on the attaching node reaches the replica on its own node
 # over a unix socket and the others over TCP. barnacle-1-tcp shows the single replica over TCP.
-start_replica "$work/r1-0"; start_engine e1 "$local"; one=$uri
-start_replica "$work/r1u-0"; start_engine e1u "$local"; oneunix="nbd+unix:///bench?socket=$work/e1u.sock"
-start_replica "$work/r1t-0"; start_engine e1t "$addr"; onetcp=$uri
-start_replica "$work/r3-0"; a0=$local
-start_replica "$work/r3-1"; a1=$addr
-start_replica "$work/r3-2"; a2=$addr
-start_engine e3 "$a0" "$a1" "$a2"; three=$uri
+start_replica "$work/r1-0"; p=$last; start_engine e1 "$local"; one=$uri; procs[barnacle-1]="$p $last"
+start_replica "$work/r1u-0"; p=$last; start_engine e1u "$local"; procs[barnacle-1-unix]="$p $last"
+oneunix="nbd+unix:///bench?socket=$work/e1u.sock"
+start_replica "$work/r1t-0"; p=$last; start_engine e1t "$addr"; onetcp=$uri; procs[barnacle-1-tcp]="$p $last"
+start_replica "$work/r3-0"; a0=$local; p="$last"
+start_replica "$work/r3-1"; a1=$addr; p="$p $last"
+start_replica "$work/r3-2"; a2=$addr; p="$p $last"
+start_engine e3 "$a0" "$a1" "$a2"; three=$uri; procs[barnacle-3]="$p $last"
+if [ -n "${BASE_BIN:-}" ]; then
+  bin=$BASE_BIN
+  start_replica "$work/b1-0"; p=$last; start_engine b1 "$local"; onebase=$uri; procs[barnacle-1-base]="$p $last"
+  start_replica "$work/b3-0"; a0=$local; p="$last"
+  start_replica "$work/b3-1"; a1=$addr; p="$p $last"
+  start_replica "$work/b3-2"; a2=$addr; p="$p $last"
+  start_engine b3 "$a0" "$a1" "$a2"; threebase=$uri; procs[barnacle-3-base]="$p $last"
+  bin=
+fi
 declare -A target=(
   [raw]="--ioengine=io_uring --direct=1 --filename=$work/raw.img"
   [qemu-nbd]="--ioengine=nbd --uri=nbd://127.0.0.1:10899/bench"
@@ -87,6 +103,25 @@ declare -A target=(
   [barnacle-1-unix]="--ioengine=nbd --uri=$oneunix"
 )
 order=(raw qemu-nbd barnacle-1 barnacle-1-tcp barnacle-3 qemu-nbd-unix barnacle-1-unix)
+if [ -n "${BASE_BIN:-}" ]; then
+  target[barnacle-1-base]="--ioengine=nbd --uri=$onebase"
+  target[barnacle-3-base]="--ioengine=nbd --uri=$threebase"
+fi
+if [ -n "${TARGETS:-}" ]; then
+  order=(raw qemu-nbd)
+  for t in $TARGETS; do
+    [ -n "${target[$t]:-}" ] || { echo "unknown target $t" >&2; exit 2; }
+    case " ${order[*]} " in *" $t "*) ;; *) order+=("$t") ;; esac
+  done
+  case " ${order[*]} " in *-unix*) case " ${order[*]} " in *" qemu-nbd-unix "*) ;; *) order+=(qemu-nbd-unix) ;; esac ;; esac
+fi
+[ -n "${BASE_BIN:-}" ] && order+=(barnacle-1-base barnacle-3-base)
+# CPU ticks (user + system) of the processes serving target $1 (none for the raw file).
+cpu_ticks() {
+  local n=0 p
+  for p in ${procs[$1]:-}; do n=$((n + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  echo "$n"
+}
 
 # Fill every target first, so reads read data rather than holes.
 for t in "${order[@]}"; do
@@ -110,9 +145,11 @@ for j in "${jobs[@]}"; do
       # Start every measurement with no dirty pages left by the one before: background writeback
       # would otherwise land on whichever target runs next.
       sync
+      c0=$(cpu_ticks "$t")
       # shellcheck disable=SC2086
       fio --name="$name" ${target[$t]} $opts --size="${SIZE_MIB}m" --time_based --runtime="$RUNTIME" \
         --randrepeat=0 --norandommap --output-format=json --output="$work/$name.$t.$round.json"
+      echo $(( $(cpu_ticks "$t") - c0 )) > "$work/$name.$t.$round.cpu"
     done
   done
 done
@@ -125,10 +162,10 @@ hz=$(getconf CLK_TCK)
 rss=$(for p in $idle_pids; do awk '/VmRSS/ {print $2}' "/proc/$p/status"; done | sort -n | tail -1)
 hwm=$(for p in $idle_pids; do awk '/VmHWM/ {print $2}' "/proc/$p/status"; done | sort -n | tail -1)
 
-python3 - "$work" "$RUNTIME" "$(( t1 - t0 ))" "$hz" "$IDLE_SECONDS" "$rss" "$hwm" "$REPEAT" <<'PY'
+python3 - "$work" "$RUNTIME" "$(( t1 - t0 ))" "$hz" "$IDLE_SECONDS" "$rss" "$hwm" "$REPEAT" "${order[*]}" <<'PY'
 import json, statistics, sys
 work, runtime, dticks, hz, idle, rss, hwm, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
-order = ["raw", "qemu-nbd", "barnacle-1", "barnacle-1-tcp", "barnacle-3", "qemu-nbd-unix", "barnacle-1-unix"]
+order = sys.argv[9].split()
 # Targets reached over a unix socket compare with qemu-nbd over a unix socket.
 def base(t):
     return "qemu-nbd-unix" if t.endswith("-unix") else "qemu-nbd"
@@ -161,6 +198,23 @@ for job, side, kind in jobs:
             unit = "IOPS" if kind == "iops" else "MiB/s"
             cell = f"{v:,.0f} {unit} ({to_raw:.2f} / {to_base:.2f})"
         cells.append(cell)
+    print(f"| {job} | " + " | ".join(cells) + " |")
+def cpu_per_io(job, t, side, rnd):
+    ticks = int(open(f"{work}/{job}.{t}.{rnd}.cpu").read())
+    ios = json.load(open(f"{work}/{job}.{t}.{rnd}.json"))["jobs"][0][side]["total_ios"]
+    return ticks / hz * 1e6 / max(ios, 1)
+served = [t for t in order if t != "raw"]
+print("\nCPU time (user + system) of the serving processes per IO: qemu-nbd, or the engine and its")
+print("replicas; median over rounds, in µs, and its ratio to qemu-nbd on the same transport (lower is better)\n")
+print("| job | " + " | ".join(served) + " |")
+print("|---|" + "---|" * len(served))
+for job, side, kind in jobs:
+    rounds = [{t: cpu_per_io(job, t, side, r) for t in served} for r in range(1, repeat + 1)]
+    cells = []
+    for t in served:
+        v = med(x[t] for x in rounds)
+        to_base = med(x[t] / max(x[base(t)], 1e-9) for x in rounds)
+        cells.append(f"{v:.1f} ({to_base:.2f})")
     print(f"| {job} | " + " | ".join(cells) + " |")
 cpu = dticks / hz / idle * 100
 print(f"\nidle, engine + 3 replicas over {idle} s: {cpu:.2f} % of one core in total; largest resident set {rss / 1024:.1f} MiB (peak during the run {hwm / 1024:.1f} MiB)")
