@@ -730,3 +730,81 @@ fn words(payload: &[u8], what: &str) -> Result<Vec<u64>, ClientError> {
     }
     Ok(payload.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio_util::codec::Decoder;
+
+    /// Takes at most `step` bytes per write, from the first buffer of a vectored write only, and
+    /// says "not now" every other call: the worst a socket does.
+    struct Trickle {
+        out: Arc<Mutex<Vec<u8>>>,
+        step: usize,
+        calls: usize,
+    }
+
+    impl tokio::io::AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(2) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.step);
+            self.out.lock().extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn data(tag: u8, len: usize) -> Bytes {
+        (0..len).map(|i| tag.wrapping_add((i / 512) as u8)).collect::<Vec<u8>>().into()
+    }
+
+    #[tokio::test]
+    async fn frames_survive_short_writes_and_large_data_goes_out_unchanged() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        for step in [1, 7, 4096, 100_000] {
+            out.lock().clear();
+            let mut w = FrameWriter::new(Box::new(Trickle { out: out.clone(), step, calls: 0 }));
+            let ops = [
+                Op::Write { offset: 0, data: data(1, 4096), fua: false },
+                Op::Write { offset: 1 << 20, data: data(2, 256 * 1024), fua: true },
+                Op::Ping,
+                Op::Write { offset: 8192, data: data(3, VECTORED_MIN), fua: false },
+                Op::Read { offset: 4096, len: 4096 },
+            ];
+            // Some frames fed together (one flush), then one sent alone.
+            for (i, op) in ops.iter().take(4).enumerate() {
+                w.feed(Request { id: i as u64 + 1, op: op.clone() }).unwrap();
+            }
+            w.flush().await.unwrap();
+            assert!(w.parts.is_empty() && w.buf.is_empty(), "a flush writes everything queued");
+            w.send(Request { id: 5, op: ops[4].clone() }).await.unwrap();
+            let mut wire = BytesMut::from(&out.lock()[..]);
+            let mut codec = wire::ServerCodec::default();
+            for (i, op) in ops.iter().enumerate() {
+                let got =
+                    codec.decode(&mut wire).unwrap().unwrap_or_else(|| panic!("frame {i} (step {step})"));
+                assert_eq!(got.id, i as u64 + 1);
+                assert!(got.op == *op, "frame {i} (step {step}) differs");
+            }
+            assert!(wire.is_empty(), "nothing after the last frame (step {step})");
+        }
+    }
+}
