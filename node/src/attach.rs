@@ -558,13 +558,15 @@ impl Attacher {
         }
         let mnt = self.fuse_dir(volume_id);
         if sys::mount_at(&mnt)?.is_some() {
-            // The loop device lets go of the file asynchronously: retry a busy unmount briefly.
-            let mut tries = 0;
+            // The loop device lets go of the file asynchronously (after its in-flight IO, and
+            // after whoever else opened the device, udev's probe say, closes it): a busy unmount
+            // is retried. 1 s was not enough on a loaded two-core machine (a CI run); the kubelet
+            // gives NodeUnstageVolume minutes.
+            let deadline = tokio::time::Instant::now() + UNMOUNT_BUSY_WAIT;
             loop {
                 match sys::umount(&mnt).await {
                     Ok(()) => break,
-                    Err(_) if tries < 50 => {
-                        tries += 1;
+                    Err(_) if tokio::time::Instant::now() < deadline => {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     Err(e) => return Err(e),
@@ -683,6 +685,9 @@ async fn lazy_umount(path: &Path) -> Result<(), NodeError> {
     .await
     .map_err(|e| NodeError::Internal(e.to_string()))?
 }
+
+/// How long a detach waits for the FUSE mount to stop being busy once its loop device is gone.
+const UNMOUNT_BUSY_WAIT: Duration = Duration::from_secs(20);
 
 /// The nbd module's default device count (`nbds_max`).
 const NBDS_MAX_DEFAULT: i64 = 16;
