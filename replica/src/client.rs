@@ -665,9 +665,14 @@ impl FrameWriter {
         }
         while !self.parts.is_empty() {
             let mut n = {
-                let iov: Vec<IoSlice<'_>> =
-                    self.parts.iter().take(MAX_IOV).map(|b| IoSlice::new(b)).collect();
-                self.io.write_vectored(&iov).await?
+                // On the stack: a flush allocates nothing of its own.
+                let mut iov = [IoSlice::new(&[]); MAX_IOV];
+                let mut k = 0;
+                for (slot, b) in iov.iter_mut().zip(&self.parts) {
+                    *slot = IoSlice::new(b);
+                    k += 1;
+                }
+                self.io.write_vectored(&iov[..k]).await?
             };
             if n == 0 {
                 return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
