@@ -212,6 +212,61 @@ async fn large_write_payloads_are_read_into_the_backends_buffer() {
 }
 
 #[tokio::test]
+async fn pipelined_writes_sent_in_odd_pieces_land_whole_with_or_without_a_buffer() {
+    // Requests cut at arbitrary points: a read of the server's can end anywhere in a header or a
+    // payload, so each payload is partly in the server's read buffer and partly still in the
+    // stream. Once with the backend's buffers, once without (its area dead: the heap path).
+    for with_area in [true, false] {
+        let (mut c, server, disk) = start_with_disk();
+        if !with_area {
+            disk.area.kill();
+        }
+        handshake(&mut c).await;
+        let sizes = [4096usize, 131_072, 69_632, 8192, 262_144, 16384, 4096, 200_704];
+        let mut stream = Vec::new();
+        let mut expect = Vec::new();
+        let mut offset = 0u64;
+        for (i, &n) in sizes.iter().enumerate() {
+            stream.extend_from_slice(&request(CMD_WRITE, i as u64, offset, n as u32));
+            let fill: Vec<u8> = (0..n).map(|j| (j as u8).wrapping_mul(7) ^ (i as u8 * 31)).collect();
+            stream.extend_from_slice(&fill);
+            expect.push((offset, fill));
+            offset += n as u64;
+        }
+        let writer = async {
+            for piece in stream.chunks(12_345) {
+                c.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            c
+        };
+        let mut c = writer.await;
+        for _ in &sizes {
+            assert_eq!(reply(&mut c).await.0, 0);
+        }
+        let from_area = disk.from_area.load(std::sync::atomic::Ordering::SeqCst);
+        if with_area {
+            assert_eq!(from_area, 5, "the 16 KiB to 512 KiB writes used the buffers");
+        } else {
+            assert_eq!(from_area, 0);
+        }
+        for (i, (offset, fill)) in expect.iter().enumerate() {
+            c.write_all(&request(CMD_READ, 100 + i as u64, *offset, fill.len() as u32)).await.unwrap();
+            assert_eq!(reply(&mut c).await, (0, 100 + i as u64));
+            let mut got = vec![0u8; fill.len()];
+            c.read_exact(&mut got).await.unwrap();
+            assert!(
+                got == *fill,
+                "write {i} of {} bytes read back different (area: {with_area})",
+                fill.len()
+            );
+        }
+        c.write_all(&request(CMD_DISC, 200, 0, 0)).await.unwrap();
+        server.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
 async fn a_read_only_export_says_so_and_refuses_every_change() {
     let mut cfg = ExportConfig::new("vol");
     cfg.read_only = true;

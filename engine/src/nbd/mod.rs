@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use barnacle_replica::shm::Slot;
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -330,19 +330,35 @@ where
     }
     if let Some(mut slot) = backend.write_buffer(h.length as usize) {
         // Straight into shared memory: the local replica writes it from there.
-        rd.read_exact(slot.as_mut_slice()).await?;
+        read_payload(rd, slot.as_mut_slice()).await?;
         return Ok(Incoming::Request(h, Some(slot.into_bytes())));
     }
     // Read straight into uninitialised capacity: no zeroing of every payload.
     let len = h.length as usize;
     let mut buf = BytesMut::with_capacity(len);
+    let held = rd.buffer().len().min(len);
+    buf.extend_from_slice(&rd.buffer()[..held]);
+    std::pin::Pin::new(&mut *rd).consume(held);
     while buf.len() < len {
         let want = (len - buf.len()) as u64;
-        if (&mut *rd).take(want).read_buf(&mut buf).await? == 0 {
+        if rd.get_mut().take(want).read_buf(&mut buf).await? == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
     }
     Ok(Incoming::Request(h, Some(buf.freeze())))
+}
+
+/// Fills `out` with a write's payload: what the reader's buffer already holds, then the rest
+/// straight from the stream. (`BufReader` alone reads a rest shorter than its capacity into its
+/// buffer first and copies it a second time.)
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut tokio::io::BufReader<R>,
+    out: &mut [u8],
+) -> std::io::Result<()> {
+    let held = rd.buffer().len().min(out.len());
+    out[..held].copy_from_slice(&rd.buffer()[..held]);
+    std::pin::Pin::new(&mut *rd).consume(held);
+    rd.get_mut().read_exact(&mut out[held..]).await.map(drop)
 }
 
 /// Runs one request against the backend; returns its reply.
