@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use barnacle_nbd_proto::*;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -176,13 +176,14 @@ impl Conn {
             return Err(NbdError::Unreachable("connection closed".into()));
         }
         let head = encode_request(&RequestHeader { flags, command, cookie, offset, length });
+        // Head and payload leave in one vectored write: sent apart, the server can wake for the
+        // head alone and then wait again for the payload (a second wake-up per write).
         let sent: std::io::Result<()> = async {
             let mut wr = self.wr.lock().await;
-            wr.write_all(&head).await?;
-            if let Some(p) = payload {
-                wr.write_all(p).await?;
+            match payload {
+                Some(p) => wr.write_all_buf(&mut Buf::chain(&head[..], p.clone())).await,
+                None => wr.write_all(&head).await,
             }
-            Ok(())
         }
         .await;
         if let Err(e) = sent {
