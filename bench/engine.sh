@@ -5,45 +5,27 @@
 # as a cluster attaches), each measurement after a sync. Then the idle cost of an engine with three
 # replicas (CPU and resident memory). For every measurement it also counts the CPU time (user +
 # system, from /proc/PID/stat) of the processes serving the target: qemu-nbd, or the engine and its
-# replicas, and reports it per IO. Results: docs/performance.md.
+# replicas, and reports it per IO. qemu-nbd-x3 is the floor for three copies on this machine: every
+# block written (or read) through three qemu-nbd servers at once, no coordination (see below).
+# Results: docs/performance.md.
 #
 #   bench/engine.sh            # RUNTIME=5 seconds per run, REPEAT=3 rounds, SIZE_MIB=1024, DIR=/var/tmp
 #   TARGETS="qemu-nbd barnacle-1 barnacle-3" bench/engine.sh   # a subset (raw and qemu-nbd are always run)
+#   TARGETS="barnacle-1 barnacle-1-nosum" bench/engine.sh   # barnacle-1-nosum: only when named
 #   BASE_BIN=/path/to/older/release bench/engine.sh   # adds barnacle-1-base and barnacle-3-base, run
 #                                                       # from those binaries: before/after in one run
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/barnacle-target}"
+. "$(dirname "$0")/lib.sh"
 RUNTIME="${RUNTIME:-5}"
 REPEAT="${REPEAT:-3}"
 SIZE_MIB="${SIZE_MIB:-1024}"
 IDLE_SECONDS="${IDLE_SECONDS:-10}"
-BIN="${BIN:-$CARGO_TARGET_DIR/release}"
 
-cargo build --release --bins -p barnacle-replica -p barnacle-engine >&2
-work=$(mktemp -d "${DIR:-/var/tmp}/barnacle-bench.XXXXXX")
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+bench_setup bench barnacle-replica barnacle-engine
 
-printf 'bench-token' > "$work/token"
-
-wait_ready() { # file
-  for _ in $(seq 1 300); do [ -s "$1" ] && return 0; sleep 0.1; done
-  echo "not ready: $1" >&2; exit 1
-}
-
-field() { # ready-file key
-  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"
-}
-
-start_replica() { # dir; sets $addr to its TCP data address and $local to its unix socket
-  local dir=$1
-  "${bin:-$BIN}/barnacle-replica" --dir "$dir" --volume-id bench --token-file "$work/token" \
+start_replica() { # dir [replica option...]; sets $addr to its TCP data address and $local to its unix socket
+  local dir=$1; shift
+  "${bin:-$BIN}/barnacle-replica" "$@" --dir "$dir" --volume-id bench --token-file "$work/token" \
     --size "${SIZE_MIB}MiB" --listen-unix "$dir.sock" --ready-file "$dir.ready" >/dev/null 2>>"$work/log" &
   pids+=($!); last=$!
   wait_ready "$dir.ready"
@@ -73,6 +55,19 @@ pids+=($!); procs[qemu-nbd]=$!
 truncate -s "${SIZE_MIB}M" "$work/qemu-unix.img"
 qemu-nbd -f raw -x bench -k "$work/qemu.sock" -t --aio=threads "$work/qemu-unix.img" >/dev/null 2>>"$work/log" &
 pids+=($!); procs[qemu-nbd-unix]=$!
+# qemu-nbd-x3: the floor for any design keeping three copies on this machine. fio writes (or reads)
+# every block through three qemu-nbd servers over TCP, one job each at the job's queue depth, and
+# the figure is what the three jobs did together divided by three: the rate at which each block got
+# three copies with no coordination at all (for the QD1 job: the slowest job's median).
+x3=()
+for i in 1 2 3; do
+  truncate -s "${SIZE_MIB}M" "$work/qemu-x3-$i.img"
+  qemu-nbd -f raw -x bench -b 127.0.0.1 -p $((10900 + i)) -t --aio=threads "$work/qemu-x3-$i.img" >/dev/null 2>>"$work/log" &
+  pids+=($!); procs[qemu-nbd-x3]="${procs[qemu-nbd-x3]:-} $!"
+  # (The first job is the one the command line names.)
+  [ "$i" = 1 ] || x3+=("--name=x3-$i")
+  x3+=("--ioengine=nbd --uri=nbd://127.0.0.1:$((10900 + i))/bench")
+done
 sleep 1
 # Barnacle as in a cluster: the engine on the attaching node reaches the replica on its own node
 # over a unix socket and the others over TCP. barnacle-1-tcp shows the single replica over TCP.
@@ -84,6 +79,12 @@ start_replica "$work/r3-0"; a0=$local; p="$last"
 start_replica "$work/r3-1"; a1=$addr; p="$p $last"
 start_replica "$work/r3-2"; a2=$addr; p="$p $last"
 start_engine e3 "$a0" "$a1" "$a2"; three=$uri; procs[barnacle-3]="$p $last"
+# Only when named in TARGETS: barnacle-1 with a replica keeping no block checksums (what the
+# checksum on every write and the verification on every read cost).
+case " ${TARGETS:-} " in *" barnacle-1-nosum "*)
+  start_replica "$work/r1n-0" --no-checksums; p=$last; start_engine e1n "$local"; onenosum=$uri
+  procs[barnacle-1-nosum]="$p $last" ;;
+esac
 if [ -n "${BASE_BIN:-}" ]; then
   bin=$BASE_BIN
   start_replica "$work/b1-0"; p=$last; start_engine b1 "$local"; onebase=$uri; procs[barnacle-1-base]="$p $last"
@@ -101,8 +102,10 @@ declare -A target=(
   [barnacle-3]="--ioengine=nbd --uri=$three"
   [qemu-nbd-unix]="--ioengine=nbd --uri=nbd+unix:///bench?socket=$work/qemu.sock"
   [barnacle-1-unix]="--ioengine=nbd --uri=$oneunix"
+  [qemu-nbd-x3]="${x3[*]}"
+  [barnacle-1-nosum]="--ioengine=nbd --uri=${onenosum:-}"
 )
-order=(raw qemu-nbd barnacle-1 barnacle-1-tcp barnacle-3 qemu-nbd-unix barnacle-1-unix)
+order=(raw qemu-nbd barnacle-1 barnacle-1-tcp barnacle-3 qemu-nbd-x3 qemu-nbd-unix barnacle-1-unix)
 if [ -n "${BASE_BIN:-}" ]; then
   target[barnacle-1-base]="--ioengine=nbd --uri=$onebase"
   target[barnacle-3-base]="--ioengine=nbd --uri=$threebase"
@@ -126,7 +129,7 @@ cpu_ticks() {
 # Fill every target first, so reads read data rather than holes.
 for t in "${order[@]}"; do
   # shellcheck disable=SC2086
-  fio --name=fill ${target[$t]} --rw=write --bs=1m --iodepth=8 --size="${SIZE_MIB}m" --output=/dev/null
+  fio --rw=write --bs=1m --iodepth=8 --size="${SIZE_MIB}m" --output=/dev/null --name=fill ${target[$t]}
 done
 
 jobs=(
@@ -147,8 +150,10 @@ for j in "${jobs[@]}"; do
       sync
       c0=$(cpu_ticks "$t")
       # shellcheck disable=SC2086
-      fio --name="$name" ${target[$t]} $opts --size="${SIZE_MIB}m" --time_based --runtime="$RUNTIME" \
-        --randrepeat=0 --norandommap --output-format=json --output="$work/$name.$t.$round.json"
+      # (Options before the first --name are fio's global ones: the job's apply to every fio job of
+      # a target that has several.)
+      fio $opts --size="${SIZE_MIB}m" --time_based --runtime="$RUNTIME" --randrepeat=0 --norandommap \
+        --output-format=json --output="$work/$name.$t.$round.json" --name="$name" ${target[$t]}
       echo $(( $(cpu_ticks "$t") - c0 )) > "$work/$name.$t.$round.cpu"
     done
   done
@@ -171,14 +176,18 @@ def base(t):
     return "qemu-nbd-unix" if t.endswith("-unix") else "qemu-nbd"
 jobs = [("randread4k", "read", "iops"), ("randwrite4k", "write", "iops"), ("read128k", "read", "bw"),
         ("write128k", "write", "bw"), ("randwrite4k-qd1", "write", "lat")]
+def sides(job, t, side, rnd):
+    return [j[side] for j in json.load(open(f"{work}/{job}.{t}.{rnd}.json"))["jobs"]]
+# A target with several fio jobs (qemu-nbd-x3) writes every block once per job: its rate is their
+# sum divided by their number, its latency the slowest job's.
 def fig(job, t, side, kind, rnd):
-    d = json.load(open(f"{work}/{job}.{t}.{rnd}.json"))["jobs"][0][side]
+    ds = sides(job, t, side, rnd)
     if kind == "iops":
-        return d["iops"], None
+        return sum(d["iops"] for d in ds) / len(ds), None
     if kind == "bw":
-        return d["bw_bytes"] / 2**20, None
-    pct = d["clat_ns"]["percentile"]
-    return pct["50.000000"] / 1000, pct["99.000000"] / 1000
+        return sum(d["bw_bytes"] for d in ds) / len(ds) / 2**20, None
+    pct = [d["clat_ns"]["percentile"] for d in ds]
+    return max(p["50.000000"] for p in pct) / 1000, max(p["99.000000"] for p in pct) / 1000
 med = statistics.median
 print(f"fio, {repeat} rounds of {runtime} s per job, medians; ratios are the median over rounds of the ratio")
 print("to the raw file / to qemu-nbd on the same transport, measured in the same round (latency: lower is better)\n")
@@ -201,7 +210,8 @@ for job, side, kind in jobs:
     print(f"| {job} | " + " | ".join(cells) + " |")
 def cpu_per_io(job, t, side, rnd):
     ticks = int(open(f"{work}/{job}.{t}.{rnd}.cpu").read())
-    ios = json.load(open(f"{work}/{job}.{t}.{rnd}.json"))["jobs"][0][side]["total_ios"]
+    ds = sides(job, t, side, rnd)
+    ios = sum(d["total_ios"] for d in ds) / len(ds)
     return ticks / hz * 1e6 / max(ios, 1)
 served = [t for t in order if t != "raw"]
 print("\nCPU time (user + system) of the serving processes per IO: qemu-nbd, or the engine and its")

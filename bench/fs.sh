@@ -9,37 +9,21 @@
 # ratio to nbdfuse and to the plain file measured in the same round. Results: docs/performance.md.
 #
 #   bench/fs.sh     # RUNTIME=5 REPEAT=3 SIZE_MIB=1024 (the volume; fio's file is half) REPLICAS=1 DIR=/var/tmp
+#   JOBS="randwrite4k-qd1 randwrite4k" FILESYSTEMS=ext4 bench/fs.sh   # a subset
+#   FUSE_ARGS="--worker-threads 1" bench/fs.sh   # options for the barnacle target's helper
+#   BASE_BIN=/path/to/older/release bench/fs.sh   # adds barnacle-base: that build's barnacle-nbd-fuse
+#                                                  # on its own volume, before/after in one run
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/barnacle-target}"
+. "$(dirname "$0")/lib.sh"
 RUNTIME="${RUNTIME:-5}"
 REPEAT="${REPEAT:-3}"
 SIZE_MIB="${SIZE_MIB:-1024}"
 REPLICAS="${REPLICAS:-1}"
 FILESYSTEMS="${FILESYSTEMS:-ext4 xfs}"
-BIN="$CARGO_TARGET_DIR/release"
 FILE_MIB=$((SIZE_MIB / 2))
 [ "$SIZE_MIB" -ge 512 ] || { echo "SIZE_MIB must be at least 512 (xfs needs 300 MB)" >&2; exit 2; }
 
-cargo build --release --bins -p barnacle-replica -p barnacle-engine -p barnacle-node >&2
-work=$(mktemp -d "${DIR:-/var/tmp}/barnacle-fs.XXXXXX")
-pids=() loops=() mounts=()
-cleanup() {
-  for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
-  for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
-  for m in "$work/fuse-barnacle" "$work/fuse-nbdfuse"; do fusermount3 -u "$m" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-printf 'bench-token' > "$work/token"
-
-wait_for() { # path: a ready file, or a FUSE file, once it exists with a size
-  for _ in $(seq 1 300); do [ -s "$1" ] && return 0; sleep 0.1; done
-  echo "not ready: $1" >&2; exit 1
-}
-field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
+bench_setup fs barnacle-replica barnacle-engine barnacle-node
 
 volume() { # name : starts REPLICAS replicas (the first local over a unix socket) and an engine
   local name=$1 args=() i d
@@ -48,14 +32,14 @@ volume() { # name : starts REPLICAS replicas (the first local over a unix socket
     "$BIN/barnacle-replica" --dir "$d" --volume-id "$name" --token-file "$work/token" --size "${SIZE_MIB}MiB" \
       --listen-unix "$d.sock" --ready-file "$d.ready" >/dev/null 2>>"$work/log" &
     pids+=($!)
-    wait_for "$d.ready"
+    wait_ready "$d.ready"
     if [ "$i" = 0 ]; then args+=(--replica "r$i=unix:$d.sock"); else args+=(--replica "r$i=$(field "$d.ready" data)"); fi
   done
   mkdir -p "$work/$name-e"
   "$BIN/barnacle-engine" --volume-id "$name" --token-file "$work/token" "${args[@]}" --state-dir "$work/$name-e" \
     --nbd-listen 127.0.0.1:0 --nbd-socket "$work/$name.sock" --ready-file "$work/$name-e/ready" >/dev/null 2>>"$work/log" &
   pids+=($!)
-  wait_for "$work/$name-e/ready"
+  wait_ready "$work/$name-e/ready"
 }
 
 loop_on() { # target file : a loop device as the node plugin sets it up, in dev[target]
@@ -66,22 +50,36 @@ loop_on() { # target file : a loop device as the node plugin sets it up, in dev[
 declare -A dev
 volume barnacle
 mkdir -p "$work/fuse-barnacle"
+fuse_mounts+=("$work/fuse-barnacle")
+# shellcheck disable=SC2086
 "$BIN/barnacle-nbd-fuse" --volume-id barnacle --socket "$work/barnacle.sock" --export barnacle \
-  --mountpoint "$work/fuse-barnacle" 2>>"$work/log" &
+  --mountpoint "$work/fuse-barnacle" ${FUSE_ARGS:-} 2>>"$work/log" &
 pids+=($!)
-wait_for "$work/fuse-barnacle/disk"
+wait_ready "$work/fuse-barnacle/disk"
 loop_on barnacle "$work/fuse-barnacle/disk"
 
 volume nbdfuse
 mkdir -p "$work/fuse-nbdfuse"
+fuse_mounts+=("$work/fuse-nbdfuse")
 nbdfuse "$work/fuse-nbdfuse" "nbd+unix:///nbdfuse?socket=$work/nbdfuse.sock" 2>>"$work/log" &
 pids+=($!)
-wait_for "$work/fuse-nbdfuse/nbd"
+wait_ready "$work/fuse-nbdfuse/nbd"
 loop_on nbdfuse "$work/fuse-nbdfuse/nbd"
 
 truncate -s "${SIZE_MIB}M" "$work/plain.img"
 loop_on plain "$work/plain.img"
 order=(barnacle nbdfuse plain)
+if [ -n "${BASE_BIN:-}" ]; then
+  volume barnacle-base
+  mkdir -p "$work/fuse-barnacle-base"
+  fuse_mounts+=("$work/fuse-barnacle-base")
+  "$BASE_BIN/barnacle-nbd-fuse" --volume-id barnacle-base --socket "$work/barnacle-base.sock" \
+    --export barnacle-base --mountpoint "$work/fuse-barnacle-base" 2>>"$work/log" &
+  pids+=($!)
+  wait_ready "$work/fuse-barnacle-base/disk"
+  loop_on barnacle-base "$work/fuse-barnacle-base/disk"
+  order+=(barnacle-base)
+fi
 
 jobs=(
   "randread4k|--rw=randread --bs=4k --iodepth=32"
@@ -91,6 +89,13 @@ jobs=(
   "randwrite4k-qd1|--rw=randwrite --bs=4k --iodepth=1"
   "randwrite4k-fsync|--rw=randwrite --bs=4k --iodepth=1 --fsync=1"
 )
+if [ -n "${JOBS:-}" ]; then
+  all=("${jobs[@]}"); jobs=()
+  for want in $JOBS; do
+    for j in "${all[@]}"; do [ "${j%%|*}" = "$want" ] && jobs+=("$j"); done
+  done
+  [ "${#jobs[@]}" -gt 0 ] || { echo "no such job in JOBS=$JOBS" >&2; exit 2; }
+fi
 for fs in $FILESYSTEMS; do
   for t in "${order[@]}"; do
     m="$work/mnt-$fs-$t"
@@ -122,12 +127,13 @@ for fs in $FILESYSTEMS; do
   mounts=()
 done
 
-python3 - "$work" "$REPEAT" "$RUNTIME" "$REPLICAS" "$FILESYSTEMS" <<'PY'
+python3 - "$work" "$REPEAT" "$RUNTIME" "$REPLICAS" "$FILESYSTEMS" "${order[*]}" "${jobs[*]%%|*}" <<'PY'
 import json, statistics, sys
 work, repeat, runtime, replicas, filesystems = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5].split()
-order = ["barnacle", "nbdfuse", "plain"]
+order, ran = sys.argv[6].split(), sys.argv[7].split()
 jobs = [("randread4k", "read", "iops"), ("randwrite4k", "write", "iops"), ("read128k", "read", "bw"),
         ("write128k", "write", "bw"), ("randwrite4k-qd1", "write", "lat"), ("randwrite4k-fsync", "write", "lat")]
+jobs = [j for j in jobs if j[0] in ran]
 def fig(fs, job, t, side, kind, rnd):
     d = json.load(open(f"{work}/{fs}.{job}.{t}.{rnd}.json"))["jobs"][0]
     if kind == "iops":

@@ -14,33 +14,17 @@
 #
 #   bench/scale.sh     # VOLUMES=50 LOADED=8 SIZE_MIB=256 RUNTIME=10 IDLE_SECONDS=10 DIR=/var/tmp
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/barnacle-target}"
+. "$(dirname "$0")/lib.sh"
 VOLUMES="${VOLUMES:-50}"
 LOADED="${LOADED:-8}"
 SIZE_MIB="${SIZE_MIB:-256}"
 RUNTIME="${RUNTIME:-10}"
 IDLE_SECONDS="${IDLE_SECONDS:-10}"
-BIN="$CARGO_TARGET_DIR/release"
 [ "$LOADED" -le "$VOLUMES" ] || { echo "LOADED ($LOADED) must not exceed VOLUMES ($VOLUMES)" >&2; exit 2; }
 
-cargo build --release --bins -p barnacle-replica -p barnacle-engine >&2
-work=$(mktemp -d "${DIR:-/var/tmp}/barnacle-scale.XXXXXX")
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-printf 'bench-token' > "$work/token"
+bench_setup scale barnacle-replica barnacle-engine
 
 now_ms() { date +%s%3N; }
-wait_ready() { # file
-  for _ in $(seq 1 600); do [ -s "$1" ] && return 0; sleep 0.01; done
-  echo "not ready: $1" >&2; exit 1
-}
-field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
 
 engines=() replicas=() uris=()
 : > "$work/attach"
@@ -50,13 +34,13 @@ for i in $(seq 1 "$VOLUMES"); do
   "$BIN/barnacle-replica" --dir "$d-r" --volume-id "v$i" --token-file "$work/token" --size "${SIZE_MIB}MiB" \
     --listen-unix "$d-r.sock" --ready-file "$d-r.ready" >/dev/null 2>>"$work/log" &
   pids+=($!); replicas+=($!)
-  wait_ready "$d-r.ready"
+  wait_ready "$d-r.ready" 0.01
   t1=$(now_ms)
   mkdir -p "$d-e"
   "$BIN/barnacle-engine" --volume-id "v$i" --token-file "$work/token" --replica "r0=unix:$d-r.sock" \
     --state-dir "$d-e" --nbd-listen 127.0.0.1:0 --ready-file "$d-e/ready" >/dev/null 2>>"$work/log" &
   pids+=($!); engines+=($!)
-  wait_ready "$d-e/ready"
+  wait_ready "$d-e/ready" 0.01
   t2=$(now_ms)
   uris+=("nbd://$(field "$d-e/ready" nbd)/v$i")
   echo "$((t1 - t0)) $((t2 - t1))" >> "$work/attach"
