@@ -667,11 +667,7 @@ impl FrameWriter {
             let mut n = {
                 // On the stack: a flush allocates nothing of its own.
                 let mut iov = [IoSlice::new(&[]); MAX_IOV];
-                let mut k = 0;
-                for (slot, b) in iov.iter_mut().zip(&self.parts) {
-                    *slot = IoSlice::new(b);
-                    k += 1;
-                }
+                let k = iov.iter_mut().zip(&self.parts).map(|(slot, b)| *slot = IoSlice::new(b)).count();
                 self.io.write_vectored(&iov[..k]).await?
             };
             if n == 0 {
